@@ -1,0 +1,1 @@
+"""The uPETe DICOM node: receive → store → assemble → job → enhance → write derived → send."""

@@ -1,0 +1,263 @@
+"""Node configuration: YAML file → one frozen, validated settings object.
+
+Every section has defaults (the shape of DESIGN.md §3); a site only says what differs. Unknown keys,
+wrong types, bad ports and unreadable paths are refused with a message that names the file and the
+key, e.g. ``config/site.yaml: node.prot: unknown key``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_settings",
+    "resolve_checkpoint",
+    "DEFAULT_CONFIG",
+]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or control chars;
+    # leading/trailing spaces are not significant.
+    title = value.strip()
+    if not title:
+        raise ValueError("AE title must not be empty")
+    if len(title) > 16:
+        raise ValueError(f"AE title {title!r} is longer than 16 characters")
+    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
+        raise ValueError(f"AE title {title!r} contains a backslash or a non-printable character")
+    return title
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class NodeSettings(_Section):
+    ae_title: str = "UPETE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_associations: int = Field(8, ge=1, le=256)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not value or " " in value:
+                raise ValueError(f"{value!r} is not an IP address or host name") from None
+        return value
+
+
+class CallerSettings(_Section):
+    ae_title: str
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.0.0.0/24)") from None
+        return value
+
+
+class TlsSettings(_Section):
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
+    @classmethod
+    def _readable(cls, value: object) -> object:
+        if value is None:
+            return value
+        if not isinstance(value, str):
+            raise ValueError("must be a file path")
+        path = Path(value)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ValueError(f"file {value!r} does not exist or is not readable")
+        return path
+
+
+class AccessSettings(_Section):
+    # Empty list = any calling AE title is accepted (only sensible on loopback); the default config
+    # lists the callers it expects.
+    allowed_callers: Annotated[tuple[CallerSettings, ...], Field(strict=False)] = ()
+    check_called_ae_title: bool = True
+    tls: TlsSettings | None = None
+
+
+class StorageSettings(_Section):
+    root: Path = Path("./var/upete")
+    retention_days: float = Field(7, gt=0)
+    min_free_mb: int = Field(500, ge=0)
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a directory path")
+        return Path(value)
+
+
+class AssemblySettings(_Section):
+    series_timeout_s: float = Field(30.0, gt=0)
+    ct_wait_s: float = Field(120.0, ge=0)
+
+
+class DestinationSettings(_Section):
+    ae_title: str
+    host: str
+    port: Port
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(10.0, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class OutputSettings(_Section):
+    series_description_suffix: str = " uPETe"
+    series_number_offset: int = Field(1000, ge=1)
+
+
+class ModelSettings(_Section):
+    # A path to a .safetensors checkpoint (its JSON config beside it), or "classical:gaussian" for the
+    # classical fallback enhancer. Relative paths are taken from the project root.
+    checkpoint: str = "classical:gaussian"
+    # Used for studies without a usable CT when the main model needs one (PET-only variant).
+    checkpoint_without_ct: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: int = Field(20, ge=1, le=1000)
+    # Known dose fraction of the low-dose acquisition (0 < d <= 1); null = estimate from the image.
+    dose_fraction: float | None = Field(None, gt=0, le=1)
+    seed: int = 0
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["keyvalue", "json"] = "keyvalue"
+    audit_file: Path | None = Path("./var/upete/audit.log")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("audit_file", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a file path or null")
+        return Path(value)
+
+
+class Settings(_Section):
+    node: NodeSettings = NodeSettings()
+    access: AccessSettings = AccessSettings()
+    storage: StorageSettings = StorageSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    destinations: Annotated[tuple[DestinationSettings, ...], Field(strict=False)] = ()
+    output: OutputSettings = OutputSettings()
+    model: ModelSettings = ModelSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _resolve_checkpoints(self) -> Settings:
+        for key in ("checkpoint", "checkpoint_without_ct"):
+            spec = getattr(self.model, key)
+            if spec is None or spec.startswith("classical:"):
+                continue
+            if not _resolve(Path(spec)).is_file():
+                raise ValueError(f"model.{key}: checkpoint file {spec!r} does not exist")
+        return self
+
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _resolve(path: Path) -> Path:
+    """A relative path in the config means: relative to the working directory, else the project root."""
+    if path.is_absolute() or path.exists():
+        return path
+    return _PROJECT_ROOT / path
+
+
+def resolve_checkpoint(spec: str) -> str:
+    """The checkpoint spec with a relative file path made absolute (classical specs unchanged)."""
+    if spec.startswith("classical:"):
+        return spec
+    return str(_resolve(Path(spec)))
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and every offending key."""
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        # Pydantic puts a union's branch name ("tuple[...]", "TlsSettings") into loc; drop class-like parts.
+        key = ".".join(p for p in key.split(".") if not p[:1].isupper() and "[" not in p) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {key}: {message}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def parse_settings(data: object, *, source: str = "<config>") -> Settings:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, found {type(data).__name__}")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate a YAML config file (the embedded default when ``path`` is None)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_settings(data, source=str(path))

@@ -1,0 +1,5 @@
+import sys
+
+from upete.cli import main
+
+sys.exit(main())
