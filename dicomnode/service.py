@@ -1,48 +1,178 @@
-"""The node process: builds the SCP and its workers, runs until SIGTERM/SIGINT, stops gracefully."""
+"""The node process: SCP, assembler, worker and sender threads around one SQLite database.
+
+Start-up order matters: the database and spool first (stale temp files removed, ``running`` jobs put
+back in the queue), then the enhancers (a model that does not load refuses the start, exit 2), then
+the threads, and the SCP last, so nothing is acknowledged before the node can act on it. A signal
+only sets a flag; the main loop then stops the SCP (no new associations), asks the threads to stop
+and joins them. A job still inside the model when the grace period ends stays ``running`` on disk and
+is resumed at the next start.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
-
+from dicomnode.assembler import Assembler, CtPolicy
+from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
+from dicomnode.db import DB_FILENAME, Database
+from dicomnode.derived import is_derived_by_us
+from dicomnode.jobs import JobQueue
+from dicomnode.scp import ScpContext, start_server
+from dicomnode.sender import Sender
+from dicomnode.store import InstanceStore
+from dicomnode.worker import Enhancers, Worker
+
+__all__ = ["run_node", "Intervals"]
 
 log = logging.getLogger("upete.service")
 
 
-def _handle_echo(event: evt.Event) -> int:
-    return 0x0000
+@dataclass(frozen=True)
+class Intervals:
+    """Seconds each loop waits when it found nothing to do, and the grace period of a stop."""
+
+    assembler_s: float = 0.5
+    worker_s: float = 0.2
+    sender_s: float = 0.2
+    stop_grace_s: float = 10.0
 
 
-def run_node(settings: Settings) -> int:
-    """Serve until a stop signal; returns the process exit status."""
-    stop = threading.Event()
+def _loop(
+    name: str, step: Callable[[], object], interval_s: float, stop: threading.Event
+) -> threading.Thread:
+    """A thread calling ``step`` until ``stop``; it waits ``interval_s`` whenever ``step`` returns falsy."""
 
-    def _on_signal(signum: int, _frame: object) -> None:
-        # Only set a flag: the main loop does the stopping.
-        stop.set()
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                busy = step()
+            except Exception:  # noqa: BLE001 - log and go on: a dead thread would silently stop the node
+                log.exception("loop step failed", extra={"fields": {"thread": name}})
+                busy = False
+            if not busy:
+                stop.wait(interval_s)
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # Daemon: a job still in the model at the end of the grace period must not keep the process up;
+    # its row stays 'running' and the next start resumes it.
+    thread = threading.Thread(target=run, name=f"upete-{name}", daemon=True)
+    thread.start()
+    return thread
 
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.add_supported_context(Verification)
-    ae.maximum_associations = settings.node.max_associations
-    server = ae.start_server(
-        (settings.node.host, settings.node.port),
-        block=False,
-        evt_handlers=[(evt.EVT_C_ECHO, _handle_echo)],
+
+def run_node(
+    settings: Settings, *, stop: threading.Event | None = None, intervals: Intervals = Intervals()
+) -> int:
+    """Serve until a stop signal (or ``stop`` is set); returns the process exit status."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            stop.set()  # only a flag: the main loop does the stopping
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+    if settings.access.tls is not None:
+        # Serving in clear text when the site asked for TLS would be worse than not serving.
+        log.error("refusing to start: access.tls is configured but DICOM TLS is not implemented yet")
+        return 2
+    root = settings.storage.root
+    root.mkdir(parents=True, exist_ok=True)
+    db = Database(root / DB_FILENAME)
+    audit = AuditLog(settings.logging.audit_file)
+    try:
+        return _serve(settings, db, audit, stop, intervals)
+    finally:
+        audit.close()
+        db.close()
+
+
+def _serve(
+    settings: Settings, db: Database, audit: AuditLog, stop: threading.Event, intervals: Intervals
+) -> int:
+    store = InstanceStore(settings.storage.root, db, min_free_mb=settings.storage.min_free_mb)
+    stale = store.remove_stale_temp_files()
+    jobs = JobQueue(db, audit)
+    resumed = jobs.recover()
+    try:
+        enhancers = Enhancers.load(settings)
+    except (ValueError, OSError, NotImplementedError, RuntimeError) as exc:
+        log.error("refusing to start: the model does not load", extra={"fields": {"error": str(exc)}})
+        return 2
+    info = enhancers.main.info
+    policy = CtPolicy(
+        uses_ct=info.uses_ct,
+        requires_ct=info.requires_ct,
+        has_without_ct_variant=enhancers.without_ct is not None,
     )
-    log.info("listening", extra={"fields": {"ae": settings.node.ae_title, "host": settings.node.host,
-                                            "port": settings.node.port}})
+    sender = Sender(jobs, audit, settings, storage_root=settings.storage.root)
+    worker = Worker(jobs, store, enhancers, settings, destinations=sender.destination_keys())
+    assembler = Assembler(db, jobs, audit, settings=settings.assembly, policy=policy)
+
+    halt = threading.Event()
+    threads = [
+        _loop("assembler", lambda: assembler.poll() and True, intervals.assembler_s, halt),
+        _loop("worker", worker.run_once, intervals.worker_s, halt),
+        _loop("sender", sender.run_once, intervals.sender_s, halt),
+    ]
+    ctx = ScpContext(
+        settings, store, audit, is_our_series=jobs.is_our_series, is_derived_by_us=is_derived_by_us
+    )
+    try:
+        server = start_server(ctx)
+    except OSError as exc:
+        log.error(
+            "cannot listen",
+            extra={"fields": {"host": settings.node.host, "port": settings.node.port, "error": str(exc)}},
+        )
+        halt.set()
+        return 1
+    node = settings.node
+    audit.record(
+        "node_started",
+        ae_title=node.ae_title,
+        host=node.host,
+        port=node.port,
+        enhancer=info.name,
+        enhancer_version=info.version,
+        resumed_jobs=resumed,
+        stale_temp_files=stale,
+        destinations=len(settings.destinations),
+    )
+    log.info(
+        "listening",
+        extra={
+            "fields": {
+                "ae": node.ae_title,
+                "host": node.host,
+                "port": node.port,
+                "enhancer": info.name,
+                "resumed_jobs": resumed,
+            }
+        },
+    )
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        server.shutdown()
-        log.info("stopped")
+        server.shutdown()  # no new associations
+        halt.set()
+        deadline = time.monotonic() + intervals.stop_grace_s
+        # Associations under way may finish within the grace period; the rest are aborted, so their
+        # senders retry what was not acknowledged (nothing acknowledged is lost either way).
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in server.active_associations:
+            assoc.abort()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        unfinished = [t.name for t in threads if t.is_alive()]
+        audit.record("node_stopped", unfinished_threads=",".join(unfinished) or "none")
+        log.info("stopped", extra={"fields": {"unfinished_threads": ",".join(unfinished) or "none"}})
     return 0

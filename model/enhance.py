@@ -149,4 +149,7 @@ def load_enhancer(
         raise ValueError(f"a model checkpoint must be a .safetensors file, found {spec!r}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {spec} does not exist")
-    raise NotImplementedError("diffusion checkpoints arrive with the uPETe model (model/diffusion.py)")
+    # Imported here: torch and the networks load only when a diffusion checkpoint is asked for.
+    from model.latent_enhancer import load_diffusion_enhancer
+
+    return load_diffusion_enhancer(path, device=device, steps=steps, dose_fraction=dose_fraction, seed=seed)

@@ -12,6 +12,10 @@ from upete import __version__
 # Order is the order of `upete --help`. A subcommand is listed here only once it works.
 COMMANDS = (
     "serve",
+    "enhance",
+    "train",
+    "status",
+    "resend",
     "check_config",
 )
 

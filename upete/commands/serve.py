@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "enhance each complete low-dose PET series and send the derived series to the destinations. "
         "Stops gracefully on SIGTERM or Ctrl-C; unfinished work resumes at the next start.",
     )
-    parser.add_argument("--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)"
+    )
     return parser
 
 

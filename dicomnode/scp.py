@@ -1,0 +1,327 @@
+"""The Storage SCP: pynetdicom handlers for C-ECHO and C-STORE, access control, TCP_NODELAY.
+
+Handlers are plain functions that get what they need (a :class:`ScpContext`) as an argument; the
+service binds them with :func:`build_ae` / :func:`start_server`. What each answers:
+
+- association request: refused (A-ASSOCIATE-RJ, permanent) when the called AE title is not ours or
+  the calling AE title (and host, where the config names one) is not allowed; logged and audited with
+  the title and address;
+- C-ECHO: Success;
+- C-STORE: Success only after :meth:`InstanceStore.put` made the instance durable; otherwise the
+  status of :mod:`dicomnode.validate` (0xA900, 0xC000 family) or 0xA700 when it cannot be stored.
+  One safety net turns anything unexpected into 0xC211 and a log line, never a dropped association.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders import (
+    JPEG2000LosslessDecoder,
+    JPEGLosslessDecoder,
+    JPEGLosslessSV1Decoder,
+    JPEGLSLosslessDecoder,
+    RLELosslessDecoder,
+)
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicomnode.audit import AuditLog
+from dicomnode.config import AccessSettings, Settings
+from dicomnode.store import InstanceStore, OutOfResources, PutResult
+from dicomnode.validate import (
+    CANNOT_DECODE,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+    SUPPORTED_SOP_CLASSES,
+    Refusal,
+    validate_instance,
+)
+
+__all__ = [
+    "ScpContext",
+    "accepted_transfer_syntaxes",
+    "build_ae",
+    "check_caller",
+    "handle_store",
+    "set_tcp_nodelay",
+    "start_server",
+]
+
+log = logging.getLogger("upete.scp")
+
+_UNCOMPRESSED = [
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+]
+# Lossless compressed syntaxes we accept when a pydicom decoder for them is installed: accepting one we
+# cannot decode would turn into a refusal per instance instead of a clean negotiation.
+_LOSSLESS_DECODERS = [
+    RLELosslessDecoder,
+    JPEGLosslessSV1Decoder,
+    JPEGLosslessDecoder,
+    JPEGLSLosslessDecoder,
+    JPEG2000LosslessDecoder,
+]
+
+# A-ASSOCIATE-RJ: result 1 = rejected-permanent, source 1 = service user (PS3.8 9.3.4).
+_RJ_PERMANENT, _RJ_SERVICE_USER = 0x01, 0x01
+_RJ_CALLING_AE_NOT_RECOGNISED, _RJ_CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+
+
+def accepted_transfer_syntaxes() -> list[UID]:
+    """Uncompressed and deflated syntaxes, plus every lossless compressed one pydicom can decode here."""
+    return _UNCOMPRESSED + [decoder.UID for decoder in _LOSSLESS_DECODERS if decoder.is_available]
+
+
+@dataclass
+class _AssociationStats:
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: Counter = field(default_factory=Counter)  # (study, series, modality) -> count
+    duplicates: Counter = field(default_factory=Counter)
+    refused: int = 0
+
+
+@dataclass
+class ScpContext:
+    """Everything the handlers need; one per server."""
+
+    settings: Settings
+    store: InstanceStore
+    audit: AuditLog
+    # Our own output coming back (loop guard): series UIDs this node planned, and derivation tags.
+    is_our_series: Callable[[str], bool] = lambda _uid: False
+    is_derived_by_us: Callable[[Dataset], bool] = lambda _ds: False
+    _stats: dict[int, _AssociationStats] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stats(self, assoc: object) -> _AssociationStats | None:
+        with self._lock:
+            return self._stats.get(id(assoc))
+
+
+def check_caller(
+    calling_ae: str, called_ae: str, address: str, *, access: AccessSettings, our_ae: str
+) -> str | None:
+    """Why an association request must be refused, or None when it may proceed."""
+    if access.check_called_ae_title and called_ae.strip() != our_ae.strip():
+        return f"called AE title {called_ae.strip()!r} is not ours ({our_ae.strip()!r})"
+    if not access.allowed_callers:
+        return None
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        peer = None
+    for caller in access.allowed_callers:
+        if caller.ae_title != calling_ae.strip():
+            continue
+        if caller.host is None:
+            return None
+        if peer is not None and peer in ipaddress.ip_network(caller.host, strict=False):
+            return None
+        return f"calling AE title {calling_ae.strip()!r} is not allowed from {address}"
+    return f"calling AE title {calling_ae.strip()!r} is not in access.allowed_callers"
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: switch Nagle off (otherwise ~40 ms of delayed-ACK stall per instance)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # a socket already closed by the peer: nothing to speed up
+            log.debug("TCP_NODELAY not set", extra={"fields": {"error": str(exc)}})
+
+
+def _peer(event: evt.Event) -> tuple[str, str, str]:
+    requestor = event.assoc.requestor
+    primitive = requestor.primitive
+    calling = str(getattr(primitive, "calling_ae_title", requestor.ae_title) or "").strip()
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    return calling, called, str(requestor.address)
+
+
+def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
+    """EVT_REQUESTED: access control before any negotiation; refusals logged with title and address."""
+    calling, called, address = _peer(event)
+    reason = check_caller(
+        calling, called, address, access=ctx.settings.access, our_ae=ctx.settings.node.ae_title
+    )
+    if reason is None:
+        with ctx._lock:
+            ctx._stats[id(event.assoc)] = _AssociationStats(calling_ae=calling, address=address)
+        return
+    diagnostic = (
+        _RJ_CALLED_AE_NOT_RECOGNISED if reason.startswith("called") else _RJ_CALLING_AE_NOT_RECOGNISED
+    )
+    log.warning(
+        "association refused",
+        extra={"fields": {"calling_ae": calling, "called_ae": called, "address": address, "reason": reason}},
+    )
+    ctx.audit.record(
+        "association_refused", calling_ae=calling, called_ae=called, address=address, reason=reason
+    )
+    # As pynetdicom's own ACSE does: queue the A-ASSOCIATE-RJ, then kill(), which waits until the DUL
+    # has sent it (closing the socket at once would look like an abort to the peer). is_rejected,
+    # set by send_reject, makes pynetdicom skip the negotiation.
+    event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, diagnostic)
+    event.assoc.kill()
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always Success (PS3.4 A.4)."""
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, ctx: ScpContext) -> int:
+    """C-STORE: validate, store durably, then answer; never raises."""
+    stats = ctx.stats(event.assoc)
+    calling = stats.calling_ae if stats else ""
+    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    try:
+        status = _store(event, ctx, stats)
+    except Exception:  # noqa: BLE001 - the safety net: a failure status, never a dropped association
+        log.exception(
+            "unexpected error storing an instance",
+            extra={"fields": {"calling_ae": calling, "sop_uid": sop_uid}},
+        )
+        status = PROCESSING_FAILURE
+    if status != SUCCESS and stats is not None:
+        stats.refused += 1
+    return status
+
+
+def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
+    calling = stats.calling_ae if stats else ""
+    fields: dict[str, object] = {"calling_ae": calling, "sop_uid": str(event.request.AffectedSOPInstanceUID)}
+    try:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes are not a dataset
+        log.warning(
+            "instance refused",
+            extra={
+                "fields": {
+                    **fields,
+                    "status": f"0x{CANNOT_DECODE:04X}",
+                    "attribute": "(dataset)",
+                    "reason": f"does not decode: {exc}",
+                }
+            },
+        )
+        return CANNOT_DECODE
+    try:
+        meta = validate_instance(
+            ds,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+        )
+    except Refusal as refusal:
+        log.warning(
+            "instance refused",
+            extra={
+                "fields": {
+                    **fields,
+                    "status": f"0x{refusal.status:04X}",
+                    "attribute": refusal.attribute,
+                    "reason": refusal.reason,
+                }
+            },
+        )
+        return refusal.status
+    if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
+        meta = dataclasses.replace(meta, derived_by_us=True)
+    try:
+        result = ctx.store.put(meta, event.encoded_dataset(include_meta=True), calling_ae=calling)
+    except OutOfResources as exc:
+        log.error(
+            "instance not stored",
+            extra={"fields": {**fields, "status": f"0x{OUT_OF_RESOURCES:04X}", "reason": str(exc)}},
+        )
+        return OUT_OF_RESOURCES
+    if stats is not None:
+        key = (meta.study_uid, meta.series_uid, meta.modality)
+        (stats.stored if result is PutResult.STORED else stats.duplicates)[key] += 1
+    return SUCCESS
+
+
+def handle_closed(event: evt.Event, ctx: ScpContext) -> None:
+    """EVT_CONN_CLOSE: one audit line per stored series and one for the association."""
+    with ctx._lock:
+        stats = ctx._stats.pop(id(event.assoc), None)
+    if stats is None:
+        return  # refused at request time: already audited
+    for key in sorted(set(stats.stored) | set(stats.duplicates)):
+        study, series, modality = key
+        ctx.audit.record(
+            "series_stored",
+            calling_ae=stats.calling_ae,
+            study_uid=study,
+            series_uid=series,
+            modality=modality,
+            instances=stats.stored[key],
+            duplicates=stats.duplicates[key],
+        )
+    ctx.audit.record(
+        "association_closed",
+        calling_ae=stats.calling_ae,
+        address=stats.address,
+        stored=sum(stats.stored.values()),
+        duplicates=sum(stats.duplicates.values()),
+        refused=stats.refused,
+        series=len(set(stats.stored) | set(stats.duplicates)),
+        seconds=round(time.monotonic() - stats.started, 3),
+    )
+
+
+def build_ae(settings: Settings, transfer_syntaxes: Sequence[str] | None = None) -> AE:
+    """An AE with Verification and the PET/CT storage contexts, timeouts from ``settings.node``."""
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    syntaxes = list(transfer_syntaxes) if transfer_syntaxes is not None else accepted_transfer_syntaxes()
+    ae.add_supported_context(Verification)
+    for sop_class in SUPPORTED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, syntaxes)
+    ae.maximum_associations = node.max_associations
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    ae.network_timeout = node.network_timeout_s
+    # Access control happens in handle_requested (titles, hosts, logging), not pynetdicom's own lists.
+    ae.require_called_aet = False
+    ae.require_calling_aet = []
+    return ae
+
+
+def start_server(ctx: ScpContext):  # -> pynetdicom.transport.ThreadedAssociationServer
+    """Bind the node's address and serve in background threads; returns the server (``shutdown()`` it)."""
+    ae = build_ae(ctx.settings)
+    handlers = [
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
+    ]
+    node = ctx.settings.node
+    return ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)

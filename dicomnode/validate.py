@@ -1,0 +1,288 @@
+"""Is a received instance usable? Checks one dataset and extracts what the index needs.
+
+:func:`validate_instance` either returns an :class:`InstanceMeta` or raises :class:`Refusal` with the
+DIMSE status to answer and the attribute at fault. Statuses (PS3.4 Annex B.2.3, Storage Service Class):
+
+- ``0xA900`` *Error: Data Set does not match SOP Class* — a Type 1 attribute of the IOD we need is
+  missing or contradicts the SOP class (no UIDs, no geometry, no pixel data, Modality CT in a PET
+  object, pixel data that does not fill Rows × Columns × BitsAllocated);
+- ``0xC000`` *Error: Cannot understand* — an attribute is there but its value cannot be read
+  (``RescaleSlope = "abc"``, an orientation that is not two unit vectors, compressed pixel data that
+  does not decode).
+
+UIDs are checked for syntax too (digits and dots, at most 64 characters): they become file names in
+the spool, so nothing else may pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
+
+__all__ = [
+    "Refusal",
+    "InstanceMeta",
+    "validate_instance",
+    "SUPPORTED_SOP_CLASSES",
+    "SUCCESS",
+    "OUT_OF_RESOURCES",
+    "DATASET_MISMATCH",
+    "CANNOT_UNDERSTAND",
+    "CANNOT_DECODE",
+    "PROCESSING_FAILURE",
+]
+
+# C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (A7xx)
+DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (A9xx)
+CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (Cxxx)
+# Two codes of the same Cxxx family, chosen to match pynetdicom's own: the dataset bytes do not
+# decode at all (0xC210), and an unexpected exception in our handler (0xC211).
+CANNOT_DECODE = 0xC210
+PROCESSING_FAILURE = 0xC211
+
+#: SOP class → the Modality its IOD requires (PS3.3 C.8.9.1 PET Series, C.8.2.1 CT Image).
+SUPPORTED_SOP_CLASSES: dict[str, str] = {
+    PositronEmissionTomographyImageStorage: "PT",
+    CTImageStorage: "CT",
+}
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class Refusal(Exception):
+    """The instance is refused: ``status`` to answer, ``attribute`` at fault, ``reason`` for the log."""
+
+    def __init__(self, status: int, attribute: str, reason: str) -> None:
+        super().__init__(f"{attribute}: {reason}")
+        self.status = status
+        self.attribute = attribute
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the index records about one stored instance (no patient identifiers)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str  # "PT" or "CT"
+    frame_of_reference_uid: str
+    position_mm: tuple[float, float, float]  # ImagePositionPatient (x, y, z)
+    orientation: tuple[float, float, float, float, float, float]  # ImageOrientationPatient
+    rows: int
+    columns: int
+    pixel_spacing_mm: tuple[float, float]  # PixelSpacing: (between rows, between columns)
+    units: str | None = None  # PET Units, e.g. "BQML"
+    corrected_image: tuple[str, ...] = ()  # PET CorrectedImage, e.g. ("ATTN", "DECY")
+    series_type: str | None = None  # PET SeriesType value 1, e.g. "STATIC"
+    number_of_slices: int | None = None  # PET NumberOfSlices
+    derived_by_us: bool = False
+
+
+def _present(ds: Dataset, keyword: str) -> bool:
+    return keyword in ds and ds[keyword].value not in (None, "", b"")
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    if not _present(ds, keyword):
+        raise Refusal(DATASET_MISMATCH, keyword, "missing or empty")
+    value = str(ds[keyword].value).strip().rstrip("\0")
+    if len(value) > 64 or not _UID.match(value):
+        raise Refusal(
+            DATASET_MISMATCH, keyword, "is not a valid UID (digits and dots, at most 64 characters)"
+        )
+    return value
+
+
+def _numbers(
+    ds: Dataset, keyword: str, count: int | None = None, *, required: bool = True
+) -> list[float] | None:
+    """Parse a DS/IS (multi-)value into finite floats; missing → refusal if ``required`` else None."""
+    if not _present(ds, keyword):
+        if required:
+            raise Refusal(DATASET_MISMATCH, keyword, "missing or empty")
+        return None
+    value = ds[keyword].value
+    items = (
+        list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    )
+    try:
+        numbers = [float(str(item).strip()) for item in items]
+    except ValueError:
+        raise Refusal(CANNOT_UNDERSTAND, keyword, "value is not a number") from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise Refusal(CANNOT_UNDERSTAND, keyword, "value is not a finite number")
+    if count is not None and len(numbers) != count:
+        raise Refusal(CANNOT_UNDERSTAND, keyword, f"expected {count} values, found {len(numbers)}")
+    return numbers
+
+
+def _int(ds: Dataset, keyword: str, *, required: bool = True) -> int | None:
+    numbers = _numbers(ds, keyword, 1, required=required)
+    if numbers is None:
+        return None
+    if numbers[0] != int(numbers[0]):
+        raise Refusal(CANNOT_UNDERSTAND, keyword, "value is not an integer")
+    return int(numbers[0])
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    if not _present(ds, keyword):
+        return None
+    return str(ds[keyword].value).strip()
+
+
+def _check_geometry(ds: Dataset) -> tuple[tuple[float, float, float], tuple[float, ...], tuple[float, float]]:
+    position = _numbers(ds, "ImagePositionPatient", 3)
+    orientation = _numbers(ds, "ImageOrientationPatient", 6)
+    row, col = orientation[:3], orientation[3:]
+    # PS3.3 C.7.6.2.1.1: two orthogonal unit vectors. Scanners write 5-6 decimals; 1e-3 tolerates that.
+    norm_r = math.sqrt(sum(v * v for v in row))
+    norm_c = math.sqrt(sum(v * v for v in col))
+    dot = sum(a * b for a, b in zip(row, col, strict=True))
+    if abs(norm_r - 1) > 1e-3 or abs(norm_c - 1) > 1e-3 or abs(dot) > 1e-3:
+        raise Refusal(CANNOT_UNDERSTAND, "ImageOrientationPatient", "is not two orthogonal unit vectors")
+    spacing = _numbers(ds, "PixelSpacing", 2)
+    if min(spacing) <= 0:
+        raise Refusal(CANNOT_UNDERSTAND, "PixelSpacing", "values must be positive")
+    return (position[0], position[1], position[2]), tuple(orientation), (spacing[0], spacing[1])
+
+
+def _check_pixels(ds: Dataset) -> tuple[int, int]:
+    """Pixel module and pixel data consistent with each other; returns (Rows, Columns)."""
+    rows = _int(ds, "Rows")
+    cols = _int(ds, "Columns")
+    if rows <= 0 or cols <= 0:
+        raise Refusal(DATASET_MISMATCH, "Rows" if rows <= 0 else "Columns", "must be positive")
+    bits_allocated = _int(ds, "BitsAllocated")
+    if bits_allocated not in (8, 16, 32):
+        raise Refusal(DATASET_MISMATCH, "BitsAllocated", f"{bits_allocated} is not 8, 16 or 32")
+    bits_stored = _int(ds, "BitsStored")
+    if not 1 <= bits_stored <= bits_allocated:
+        raise Refusal(
+            DATASET_MISMATCH, "BitsStored", f"{bits_stored} does not fit BitsAllocated {bits_allocated}"
+        )
+    samples = _int(ds, "SamplesPerPixel", required=False) or 1
+    if samples != 1:
+        raise Refusal(
+            DATASET_MISMATCH, "SamplesPerPixel", f"PET and CT images have 1 sample per pixel, found {samples}"
+        )
+    if _int(ds, "PixelRepresentation") not in (0, 1):
+        raise Refusal(DATASET_MISMATCH, "PixelRepresentation", "must be 0 or 1")
+    frames = _int(ds, "NumberOfFrames", required=False) or 1
+    if frames != 1:
+        raise Refusal(
+            DATASET_MISMATCH, "NumberOfFrames", f"single-frame images expected, found {frames} frames"
+        )
+    if "PixelData" not in ds or ds["PixelData"].value in (None, b""):
+        raise Refusal(DATASET_MISMATCH, "PixelData", "missing or empty")
+    transfer_syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else None
+    if transfer_syntax is not None and transfer_syntax.is_encapsulated:
+        # Decode now: a Success for pixels that never decode would only fail the job later, unseen
+        # by the sender.
+        try:
+            array = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means the same to the sender
+            raise Refusal(
+                CANNOT_UNDERSTAND, "PixelData", f"compressed pixel data does not decode: {exc}"
+            ) from None
+        if array.shape != (rows, cols):
+            raise Refusal(
+                DATASET_MISMATCH, "PixelData", f"decodes to {array.shape}, Rows×Columns is {(rows, cols)}"
+            )
+        return rows, cols
+    expected = rows * cols * bits_allocated // 8
+    found = len(ds["PixelData"].value)
+    # Odd lengths are padded to even (PS3.5 7.1.1).
+    if found not in (expected, expected + expected % 2):
+        raise Refusal(
+            DATASET_MISMATCH,
+            "PixelData",
+            f"holds {found} bytes, Rows×Columns×BitsAllocated ({rows}×{cols}×{bits_allocated}) "
+            f"need {expected}",
+        )
+    return rows, cols
+
+
+def _check_rescale(ds: Dataset, modality: str) -> None:
+    slope = _numbers(ds, "RescaleSlope", 1, required=modality == "PT")
+    _numbers(ds, "RescaleIntercept", 1, required=modality == "PT")
+    if slope is not None and slope[0] == 0:
+        raise Refusal(CANNOT_UNDERSTAND, "RescaleSlope", "is zero")
+
+
+def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str) -> InstanceMeta:
+    """Check a received dataset against the DIMSE request that carried it.
+
+    ``ds`` needs ``file_meta`` (its transfer syntax tells whether pixel data is encapsulated);
+    ``sop_class_uid``/``sop_instance_uid`` are the C-STORE request's Affected SOP Class/Instance UIDs.
+    Raises :class:`Refusal`; returns the index fields otherwise.
+    """
+    sop_class = _uid(ds, "SOPClassUID")
+    if sop_class != sop_class_uid:
+        raise Refusal(
+            DATASET_MISMATCH, "SOPClassUID", "differs from the C-STORE request's Affected SOP Class UID"
+        )
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        raise Refusal(DATASET_MISMATCH, "SOPClassUID", "is not PET or CT Image Storage")
+    sop_uid = _uid(ds, "SOPInstanceUID")
+    if sop_uid != sop_instance_uid:
+        raise Refusal(
+            DATASET_MISMATCH, "SOPInstanceUID", "differs from the C-STORE request's Affected SOP Instance UID"
+        )
+    study_uid = _uid(ds, "StudyInstanceUID")
+    series_uid = _uid(ds, "SeriesInstanceUID")
+    modality = _text(ds, "Modality")
+    expected_modality = SUPPORTED_SOP_CLASSES[sop_class]
+    if modality != expected_modality:
+        raise Refusal(
+            DATASET_MISMATCH,
+            "Modality",
+            f"{modality or 'missing'} does not match the SOP class (needs {expected_modality})",
+        )
+    frame_of_reference = _uid(ds, "FrameOfReferenceUID")
+    position, orientation, pixel_spacing = _check_geometry(ds)
+    _check_rescale(ds, modality)
+    rows, cols = _check_pixels(ds)
+
+    units = corrected = series_type = number_of_slices = None
+    if modality == "PT":
+        units = _text(ds, "Units")
+        corrected = ds.get("CorrectedImage")
+        series_type = ds.get("SeriesType")
+        number_of_slices = _int(ds, "NumberOfSlices", required=False)
+        if number_of_slices is not None and number_of_slices <= 0:
+            raise Refusal(CANNOT_UNDERSTAND, "NumberOfSlices", "must be positive")
+    return InstanceMeta(
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_class_uid=sop_class,
+        modality=modality,
+        frame_of_reference_uid=frame_of_reference,
+        position_mm=position,
+        orientation=orientation,  # type: ignore[arg-type]
+        rows=rows,
+        columns=cols,
+        pixel_spacing_mm=pixel_spacing,
+        units=units,
+        corrected_image=_values(corrected),
+        series_type=_values(series_type)[0] if _values(series_type) else None,
+        number_of_slices=number_of_slices,
+    )
+
+
+def _values(value: object) -> tuple[str, ...]:
+    """A CS (multi-)value as a tuple of upper-case strings."""
+    if value in (None, ""):
+        return ()
+    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    return tuple(str(v).strip().upper() for v in items)  # type: ignore[union-attr]

@@ -1,0 +1,259 @@
+"""DICOM series ↔ SimpleITK image: the node's only reader of pixel data.
+
+:func:`load_series` turns the files of one single-frame series (PET or CT) into a 3D image in
+physical units — Bq/ml for PET (Units BQML), HU for CT — with the geometry of the DICOM patient
+coordinate system (LPS, mm), and keeps the headers sorted like the image's z axis. Anything that
+would make the geometry a guess is refused with :class:`VolumeError`, whose message is the reason
+a job fails: uneven or missing slices, mixed orientations or sizes, two slices at one position.
+
+Image axes: x along the row direction (column index), y along the column direction (row index),
+z along the slice normal ``row × column``; slices are sorted by their position along that normal,
+not by InstanceNumber. Direction cosines are the columns of the SimpleITK direction matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+__all__ = ["VolumeError", "SeriesVolume", "load_series", "resample_onto", "coverage_fraction"]
+
+log = logging.getLogger("upete.volume")
+
+# Geometry tolerances. Scanners write positions with a few decimals; direction cosines with ~6.
+_ORIENTATION_TOL = 1e-4
+_SPACING_REL_TOL = 0.01  # 1 % of the slice spacing (and at least _SPACING_ABS_TOL)
+_SPACING_ABS_TOL = 0.01  # mm
+
+
+class VolumeError(Exception):
+    """The series cannot be made into a volume; the message says why (it becomes the job's reason)."""
+
+
+@dataclass
+class SeriesVolume:
+    """One series as an image plus its headers.
+
+    ``image``: float32 SimpleITK image, Bq/ml for PET and HU for CT (whatever the rescale gives for
+    other modalities), x/y/z as in the module doc. ``datasets``: the headers without PixelData, one
+    per slice, in the image's z order.
+    """
+
+    image: sitk.Image
+    datasets: list[Dataset]
+
+    @property
+    def modality(self) -> str:
+        return str(self.datasets[0].get("Modality", ""))
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        return str(self.datasets[0].get("FrameOfReferenceUID", ""))
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise VolumeError(f"{Path(path).name}: cannot read as DICOM: {exc}") from None
+
+
+def _floats(ds: Dataset, keyword: str, count: int, name: str) -> np.ndarray:
+    try:
+        value = ds[keyword].value if keyword in ds else None
+    except (TypeError, ValueError):  # pydicom converts DS/IS lazily and raises on text like "abc"
+        raise VolumeError(f"{name}: {keyword} is not numeric") from None
+    if value is None or value == "":
+        raise VolumeError(f"{name}: {keyword} is missing")
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:
+        array = np.array([float(v) for v in values], dtype=float)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{name}: {keyword} is not numeric") from None
+    if array.size != count or not np.all(np.isfinite(array)):
+        raise VolumeError(f"{name}: {keyword} must have {count} finite value(s), found {array.size}")
+    return array
+
+
+def _rescale(ds: Dataset, name: str) -> tuple[float, float]:
+    slope = float(_floats(ds, "RescaleSlope", 1, name)[0]) if "RescaleSlope" in ds else 1.0
+    intercept = float(_floats(ds, "RescaleIntercept", 1, name)[0]) if "RescaleIntercept" in ds else 0.0
+    return slope, intercept
+
+
+def _check_same(datasets: list[Dataset], names: list[str], keyword: str) -> None:
+    first = datasets[0].get(keyword)
+    for ds, name in zip(datasets[1:], names[1:], strict=True):
+        if ds.get(keyword) != first:
+            raise VolumeError(f"{keyword} differs within the series ({names[0]}: {first}, {name}: "
+                              f"{ds.get(keyword)})")
+
+
+def load_series(paths: Sequence[str | os.PathLike[str]]) -> SeriesVolume:
+    """Read the single-frame images of one series into a :class:`SeriesVolume`.
+
+    Each file is read once: its pixels are decoded, rescaled with its own RescaleSlope/Intercept and
+    dropped from the header kept in ``datasets``. Raises :class:`VolumeError` when the files are not
+    one series of equally oriented, equally sized, evenly spaced slices.
+    """
+    if not paths:
+        raise VolumeError("no files given for the series")
+    datasets: list[Dataset] = []
+    names: list[str] = []
+    slices: list[np.ndarray] = []
+    for path in paths:
+        name = Path(path).name
+        ds = _read(Path(path))
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise VolumeError(f"{name}: multi-frame images are not supported (NumberOfFrames "
+                              f"{ds.NumberOfFrames}); send the classic single-frame series")
+        for keyword in ("SeriesInstanceUID", "Rows", "Columns"):
+            if keyword not in ds:
+                raise VolumeError(f"{name}: {keyword} is missing")
+        if "PixelData" not in ds:
+            raise VolumeError(f"{name}: PixelData is missing")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise VolumeError(f"{name}: only grey-scale images are supported (SamplesPerPixel "
+                              f"{ds.SamplesPerPixel})")
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # pydicom raises many types for undecodable or truncated data
+            raise VolumeError(f"{name}: cannot decode PixelData: {exc}") from None
+        if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+            raise VolumeError(f"{name}: PixelData has shape {pixels.shape}, Rows/Columns say "
+                              f"{(int(ds.Rows), int(ds.Columns))}")
+        slope, intercept = _rescale(ds, name)
+        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+        del ds.PixelData  # headers only from here on: the pixels are in `slices`
+        datasets.append(ds)
+        names.append(name)
+
+    for keyword in ("SeriesInstanceUID", "Modality", "Rows", "Columns"):
+        _check_same(datasets, names, keyword)
+
+    # Orientation: the same orthonormal row/column cosines on every slice.
+    named = list(zip(datasets, names, strict=True))
+    orientations = [_floats(ds, "ImageOrientationPatient", 6, n) for ds, n in named]
+    row, col = orientations[0][:3], orientations[0][3:]
+    if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3
+            or abs(row @ col) > 1e-3):
+        raise VolumeError(f"{names[0]}: ImageOrientationPatient is not two orthonormal directions")
+    for orientation, name in zip(orientations[1:], names[1:], strict=True):
+        if np.abs(orientation - orientations[0]).max() > _ORIENTATION_TOL:
+            first, other = orientations[0].round(4).tolist(), orientation.round(4).tolist()
+            raise VolumeError(f"mixed orientation in the series: {names[0]} has {first}, {name} has {other}")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+
+    spacings = [_floats(ds, "PixelSpacing", 2, n) for ds, n in named]
+    for spacing, name in zip(spacings[1:], names[1:], strict=True):
+        if np.abs(spacing - spacings[0]).max() > 1e-4:
+            raise VolumeError(f"PixelSpacing differs within the series ({names[0]}: {spacings[0].tolist()}, "
+                              f"{name}: {spacing.tolist()})")
+    if np.any(spacings[0] <= 0):
+        raise VolumeError(f"{names[0]}: PixelSpacing must be positive, found {spacings[0].tolist()}")
+
+    # Sort along the slice normal, never by InstanceNumber.
+    positions = np.array([_floats(ds, "ImagePositionPatient", 3, n) for ds, n in named])
+    distance = positions @ normal
+    order = np.argsort(distance, kind="stable")
+    datasets = [datasets[i] for i in order]
+    names = [names[i] for i in order]
+    slices = [slices[i] for i in order]
+    positions, distance = positions[order], distance[order]
+
+    dz = _slice_spacing(datasets, names, positions, distance, normal)
+    _check_slice_count(datasets, len(datasets))
+
+    volume = np.stack(slices)
+    image = sitk.GetImageFromArray(volume)
+    row_spacing, column_spacing = (float(v) for v in spacings[0])
+    image.SetSpacing((column_spacing, row_spacing, dz))
+    image.SetOrigin(tuple(float(v) for v in positions[0]))
+    image.SetDirection(tuple(float(v) for v in np.column_stack([row, col, normal]).ravel()))
+    fields = {"series_uid": datasets[0].SeriesInstanceUID, "slices": len(datasets),
+              "size": "x".join(map(str, image.GetSize()))}
+    log.debug("series loaded", extra={"fields": fields})
+    return SeriesVolume(image=image, datasets=datasets)
+
+
+def _slice_spacing(datasets: list[Dataset], names: list[str], positions: np.ndarray, distance: np.ndarray,
+                   normal: np.ndarray) -> float:
+    """The one spacing between consecutive slices (mm), or VolumeError naming the first bad gap."""
+    if len(datasets) == 1:
+        # A single slice has no neighbour: its thickness is the best spacing there is.
+        if "SliceThickness" not in datasets[0]:
+            return 1.0
+        thickness = float(_floats(datasets[0], "SliceThickness", 1, names[0])[0])
+        return thickness if thickness > 0 else 1.0
+    gaps = np.diff(distance)
+    for i, gap in enumerate(gaps):
+        if gap < _SPACING_ABS_TOL:
+            raise VolumeError(f"two slices at the same position {distance[i]:.2f} mm along the normal "
+                              f"({names[i]}, {names[i + 1]}): duplicate instances or several time frames")
+    # Every position must lie on the line through the first along the normal (no shear, no gantry tilt).
+    offsets = positions - positions[0] - np.outer(distance - distance[0], normal)
+    worst = float(np.abs(offsets).max())
+    if worst > max(0.05, 0.02 * float(np.median(gaps))):
+        raise VolumeError(f"slice positions are not along the slice normal (offset up to {worst:.2f} mm): "
+                          "gantry tilt or sheared geometry is not supported")
+    spacing = float(np.median(gaps))
+    tolerance = max(_SPACING_ABS_TOL, _SPACING_REL_TOL * spacing)
+    bad = np.flatnonzero(np.abs(gaps - spacing) > tolerance)
+    if bad.size:
+        i = int(bad[0])
+        ratio = gaps[i] / spacing
+        missing = ratio > 1.5 and abs(ratio - round(ratio)) < 0.05
+        hint = f" ({round(ratio) - 1} slice(s) missing?)" if missing else ""
+        raise VolumeError(f"uneven slice spacing: {gaps[i]:.3f} mm between {names[i]} and {names[i + 1]}, "
+                          f"{spacing:.3f} mm elsewhere{hint}")
+    return spacing
+
+
+def _check_slice_count(datasets: list[Dataset], count: int) -> None:
+    expected = datasets[0].get("NumberOfSlices")
+    if expected is None or datasets[0].get("Modality") != "PT":
+        return
+    try:
+        expected = int(expected)
+    except (TypeError, ValueError):
+        return
+    if expected and expected != count:
+        raise VolumeError(f"the series has {count} of the {expected} slices its NumberOfSlices announces")
+
+
+def coverage_fraction(image: sitk.Image, reference: sitk.Image) -> float:
+    """Fraction (0–1) of ``reference``'s voxel centres that fall inside ``image``'s voxel extent."""
+    size = np.array(reference.GetSize())
+    # Check a grid of at most ~32³ sample points; exact enough for a coverage rule.
+    axes = [np.linspace(0, n - 1, min(int(n), 32)) for n in size]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    ref_dir = np.array(reference.GetDirection()).reshape(3, 3)
+    points = np.array(reference.GetOrigin()) + (grid * np.array(reference.GetSpacing())) @ ref_dir.T
+    img_dir = np.array(image.GetDirection()).reshape(3, 3)
+    index = ((points - np.array(image.GetOrigin())) @ img_dir) / np.array(image.GetSpacing())
+    inside = np.all((index >= -0.5) & (index <= np.array(image.GetSize()) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def resample_onto(image: sitk.Image, reference: sitk.Image, *, default_value: float) -> sitk.Image:
+    """``image`` resampled (trilinear) onto ``reference``'s grid through patient coordinates.
+
+    Both images must share a frame of reference (the caller checks the UIDs). Voxels of the
+    reference outside ``image`` get ``default_value`` (−1000 HU = air for a CT). Returns float32.
+    """
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, float(default_value),
+                         sitk.sitkFloat32)

@@ -1,0 +1,185 @@
+"""The worker: one thread that runs queued jobs through the enhancer, one at a time.
+
+For each claimed job: its fixed input instances from the spool → the derived-series plan (made and
+stored in the job row before the first processing, reused by every rerun) → :func:`enhance_series`
+into ``<root>/outputs/job-<id>/`` (emptied first, so a rerun after a crash leaves no stale file) →
+every output file and the folder fsynced → ``sending``. Unusable input (:class:`VolumeError`) fails
+the job with the pipeline's reason; anything unexpected fails it with the exception, logged.
+
+Enhancers are built once per process (:class:`Enhancers`): loading a diffusion checkpoint takes
+seconds and memory, a job must not pay it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+
+from dicomnode.config import Settings, resolve_checkpoint
+from dicomnode.derived import DerivedPlan, plan_derived
+from dicomnode.jobs import Job, JobQueue
+from dicomnode.pipeline import enhance_series
+from dicomnode.store import InstanceStore, fsync_dir
+from dicomnode.volume import VolumeError
+from model.enhance import Enhancer, load_enhancer
+
+__all__ = ["Enhancers", "Worker", "LEASE_S"]
+
+log = logging.getLogger("upete.worker")
+
+#: A running job's lease; renewed at every progress report, so it only lapses for a stuck worker.
+LEASE_S = 600.0
+
+
+@dataclass(frozen=True)
+class Enhancers:
+    """The configured enhancers: ``main`` (model.checkpoint) and the PET-only variant, if configured."""
+
+    main: Enhancer
+    without_ct: Enhancer | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> Enhancers:
+        """Build both from ``settings.model`` (raises what :func:`load_enhancer` raises)."""
+        model = settings.model
+        options = {
+            "device": model.device,
+            "steps": model.steps,
+            "dose_fraction": model.dose_fraction,
+            "seed": model.seed,
+        }
+        main = load_enhancer(resolve_checkpoint(model.checkpoint), **options)
+        without_ct = None
+        if model.checkpoint_without_ct is not None:
+            without_ct = load_enhancer(resolve_checkpoint(model.checkpoint_without_ct), **options)
+        return cls(main=main, without_ct=without_ct)
+
+    def for_variant(self, variant: str) -> Enhancer:
+        if variant == "without_ct":
+            if self.without_ct is None:
+                raise VolumeError(
+                    "the job needs the PET-only model, but model.checkpoint_without_ct is not set"
+                )
+            return self.without_ct
+        return self.main
+
+
+class Worker:
+    """Claims and processes jobs; :meth:`run_once` is called in a loop by the service thread."""
+
+    def __init__(
+        self,
+        jobs: JobQueue,
+        store: InstanceStore,
+        enhancers: Enhancers,
+        settings: Settings,
+        *,
+        destinations: list[str],
+    ) -> None:
+        self.jobs = jobs
+        self.store = store
+        self.enhancers = enhancers
+        self.settings = settings
+        self.destinations = destinations
+        self.outputs_dir = store.root / "outputs"
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+
+    def run_once(self) -> bool:
+        """Process one queued job; False when the queue was empty."""
+        job = self.jobs.claim_processing(lease_s=LEASE_S)
+        if job is None:
+            return False
+        log.info(
+            "job started",
+            extra={
+                "fields": {
+                    "job_id": job.id,
+                    "pet_series_uid": job.pet_series_uid,
+                    "attempt": job.process_attempts,
+                }
+            },
+        )
+        try:
+            self._process(job)
+        except VolumeError as exc:
+            log.warning("job failed", extra={"fields": {"job_id": job.id, "reason": str(exc)}})
+            self.jobs.fail(job.id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not stop the queue
+            log.exception("job failed unexpectedly", extra={"fields": {"job_id": job.id}})
+            self.jobs.fail(job.id, f"internal error: {type(exc).__name__}: {exc}")
+        return True
+
+    def _inputs(self, job: Job) -> tuple[list[Path], list[Path] | None]:
+        pet_uids, ct_uids = self.jobs.inputs(job.id)
+        paths = self.store.paths(pet_uids + ct_uids)
+        missing = [uid for uid in pet_uids + ct_uids if uid not in paths or not paths[uid].is_file()]
+        if missing:
+            raise VolumeError(f"{len(missing)} input instance(s) of the job are missing from the spool")
+        return [paths[uid] for uid in pet_uids], ([paths[uid] for uid in ct_uids] or None)
+
+    def _plan(self, job: Job, pet_paths: list[Path]) -> DerivedPlan:
+        if job.plan_json:
+            return DerivedPlan.from_json(job.plan_json)
+        headers = [dcmread(path, stop_before_pixels=True) for path in pet_paths]
+        plan = plan_derived(headers, self.settings.output)
+        # Stored before processing: every later run (after a crash, or a manual resend) writes the
+        # same series and SOP Instance UIDs, so a receiver replaces instead of duplicating.
+        self.jobs.set_plan(job.id, plan.to_json(), derived_series_uid=plan.series_uid)
+        return plan
+
+    def _process(self, job: Job) -> None:
+        pet_paths, ct_paths = self._inputs(job)
+        plan = self._plan(job, pet_paths)
+        enhancer = self.enhancers.for_variant(job.variant)
+        out_dir = self.outputs_dir / f"job-{job.id}"
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # a previous, interrupted run's files
+        out_dir.mkdir(parents=True)
+
+        renewed = [time.monotonic()]
+
+        def progress(_fraction: float, _stage: str) -> None:
+            # Renewing is a committed write; a model may report many times a second.
+            if time.monotonic() - renewed[0] > LEASE_S / 10:
+                self.jobs.renew(job.id, lease_s=LEASE_S)
+                renewed[0] = time.monotonic()
+
+        result = enhance_series(
+            pet_paths, ct_paths, enhancer, out_dir, output=self.settings.output, plan=plan, progress=progress
+        )
+        for path in result.paths:
+            _fsync_file(path)
+        fsync_dir(out_dir)
+        fsync_dir(self.outputs_dir)
+        self.jobs.processed(
+            job.id,
+            output_dir=str(out_dir.relative_to(self.store.root)),
+            output_count=len(result.paths),
+            stage_seconds={k: round(v, 3) for k, v in result.seconds_by_stage.items()},
+            destinations=self.destinations,
+        )
+        log.info(
+            "job processed",
+            extra={
+                "fields": {
+                    "job_id": job.id,
+                    "derived_series_uid": plan.series_uid,
+                    "instances": len(result.paths),
+                    "ct_used": result.ct_used,
+                }
+            },
+        )
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,258 @@
+"""The uPETe :class:`~model.enhance.Enhancer`: a trained checkpoint applied to a whole PET volume.
+
+Per volume: resample to the model's 2 mm grid → normalise (Bq/ml ÷ the fixed scale, or min-max) →
+place the LPET on the schedule (t* from a known dose fraction, else from its measured noise and the
+checkpoint's noise curve) → for overlapping tiles of the **training patch size** (GroupNorm sees the
+statistics it was trained on; DESIGN.md §4): encode, sample from t*, decode → blend the tiles with
+Gaussian weights → invert the normalisation exactly → resample back onto the input grid.
+A volume that fits in one patch is done whole (padded with air). Same input + same seed → same output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_checkpoint, weights_digest
+from model.enhance import Enhancer, EnhancerInfo, Progress
+from model.grid import array_image, isotropic_reference, resample_onto
+from model.network import UPETeModel
+from model.noise_level import noise_index
+from model.train_data import AIR_HU
+
+__all__ = ["DiffusionEnhancer", "load_diffusion_enhancer", "tile_starts"]
+
+log = logging.getLogger(__name__)
+
+
+def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of tiles of ``patch`` covering ``size`` (≥ patch), neighbours sharing ≈ ``overlap``."""
+    if size <= patch:
+        return [0]
+    stride = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((size - patch) / stride) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, size - patch, count)})
+
+
+def _gaussian_weights(patch: tuple[int, int, int]) -> np.ndarray:
+    # σ = patch/6: smooth hand-over between tiles, and no tile edge (zero-padding artefacts) counts much.
+    axes = []
+    for p in patch:
+        x = np.arange(p) - (p - 1) / 2
+        axes.append(np.exp(-(x**2) / (2 * (p / 6) ** 2)))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
+
+
+def _pad(array: np.ndarray, shape: tuple[int, ...], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:
+    pads = [(0, max(m - n, 0)) for n, m in zip(array.shape, shape, strict=True)]
+    crop = tuple(slice(0, n) for n in array.shape)
+    return np.pad(array, pads, constant_values=value), crop
+
+
+class DiffusionEnhancer(Enhancer):
+    """uPETe (any of the four variants) as an :class:`Enhancer`.
+
+    ``steps``: sampler steps (default: the checkpoint's); ``dose_fraction``: the LPET's known dose
+    (None = estimate t* from its noise); ``tiling``: ``"auto"`` (tiles of the training patch, or the
+    whole volume when it fits in one) or ``"whole"`` (one pass over the padded volume).
+    """
+
+    def __init__(
+        self,
+        model: UPETeModel,
+        *,
+        version: str,
+        device: str | torch.device = "cpu",
+        steps: int | None = None,
+        dose_fraction: float | None = None,
+        seed: int = 0,
+        tiling: str = "auto",
+    ) -> None:
+        config = model.config
+        if config.noise_curve is None:
+            raise ValueError("this checkpoint has no noise curve: its autoencoder was never calibrated")
+        if dose_fraction is not None and not 0 < dose_fraction <= 1:
+            raise ValueError(f"dose_fraction must be in (0, 1], found {dose_fraction}")
+        if tiling not in ("auto", "whole"):
+            raise ValueError(f"tiling must be 'auto' or 'whole', found {tiling!r}")
+        self.model = model.to(device).eval()
+        self.config = config
+        self.device = torch.device(device)
+        self.steps = steps or config.sampler.steps
+        self.dose_fraction = dose_fraction
+        self.seed = seed
+        self.tiling = tiling
+        variant = config.variant
+        self.info = EnhancerInfo(
+            name=f"uPETe {variant.label}",
+            version=version,
+            description=(
+                f"uPETe {variant.label} latent diffusion (SPET-only), {self.steps} steps, model {version}"
+            ),
+            uses_ct=variant.uses_ct,
+            requires_ct=variant.uses_ct,
+        )
+
+    # --- placing the LPET on the schedule -----------------------------------------------------------
+
+    def poisson_step(self, pet_norm_fixed: np.ndarray) -> float:
+        """t* on the Poisson schedule: from the dose fraction if known, else from the image's noise."""
+        schedule = self.config.schedule
+        if self.dose_fraction is not None:
+            t = schedule.timesteps * math.log(self.dose_fraction) / math.log(schedule.dose_min)
+            return float(min(max(t, 0.0), schedule.timesteps))
+        return self.config.noise_curve.t_from_noise_index(noise_index(pet_norm_fixed))
+
+    # --- tiles ------------------------------------------------------------------------------------
+
+    def _tiles(self, shape: tuple[int, int, int]) -> tuple[tuple[int, int, int], list[tuple[int, int, int]]]:
+        patch = self.config.patch_size
+        m = self.config.size_multiple
+        if self.tiling == "whole" or all(n <= p for n, p in zip(shape, patch, strict=True)):
+            size = tuple(max(int(math.ceil(n / m) * m), m) for n in shape)
+            if self.tiling == "auto":
+                size = tuple(max(s, p) for s, p in zip(size, patch, strict=True))
+            return size, [(0, 0, 0)]  # type: ignore[return-value]
+        starts = [
+            tile_starts(max(n, p), p, self.config.sampler.tile_overlap)
+            for n, p in zip(shape, patch, strict=True)
+        ]
+        corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        return patch, corners
+
+    def _batches(self, corners: list, size: int) -> Iterator[list]:
+        for i in range(0, len(corners), size):
+            yield corners[i : i + size]
+
+    # --- the model ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _run_tiles(
+        self,
+        x: np.ndarray,
+        ct: np.ndarray | None,
+        t_poisson: float,
+        progress: Progress | None,
+    ) -> np.ndarray:
+        """Enhance a normalised ``(z, y, x)`` array on the model grid; returns the same shape."""
+        tile, corners = self._tiles(x.shape)
+        padded_shape = tuple(max(n, t) for n, t in zip(x.shape, tile, strict=True))
+        x_pad, crop = _pad(x, padded_shape, 0.0)
+        ct_pad = _pad(ct, padded_shape, AIR_HU)[0] if ct is not None else None
+        weights = _gaussian_weights(tile) if len(corners) > 1 else np.ones(tile, dtype=np.float32)
+        acc = np.zeros(padded_shape, dtype=np.float32)
+        norm = np.zeros(padded_shape, dtype=np.float32)
+        model, scale = self.model, self.config.latent_scale
+        generator = torch.Generator().manual_seed(self.seed)
+        done = 0
+        for batch in self._batches(corners, self.config.sampler.tile_batch):
+            windows = [tuple(slice(c, c + t) for c, t in zip(corner, tile, strict=True)) for corner in batch]
+            xs = torch.from_numpy(np.stack([x_pad[w] for w in windows])[:, None]).to(self.device)
+            z_ct = None
+            if model.diffusion.uses_ct:
+                cts = torch.from_numpy(np.stack([ct_pad[w] for w in windows])[:, None]).to(self.device)
+                z_ct = model.diffusion.encode_ct(cts)
+            z_lpet = model.autoencoder.encode(xs).mean * scale
+            z_start, t_start = model.diffusion.start_from_lpet(
+                z_lpet,
+                t_poisson=t_poisson,
+                curve=self.config.noise_curve,
+                generator=generator,
+                renoise_ratio=self.config.sampler.renoise_ratio,
+            )
+            z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
+            out = model.autoencoder.decode(z0 / scale).float().cpu().numpy()[:, 0]
+            for w, o in zip(windows, out, strict=True):
+                acc[w] += o * weights
+                norm[w] += weights
+            done += len(batch)
+            if progress:
+                progress(done / len(corners), "diffusion")
+        return (acc / np.maximum(norm, 1e-12))[crop]
+
+    def enhance_array(
+        self,
+        pet_bqml: np.ndarray,
+        ct_hu: np.ndarray | None = None,
+        *,
+        spacing_mm: tuple[float, float, float],
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        if pet_bqml.ndim != 3:
+            raise ValueError(f"expected a (z, y, x) PET array, found shape {pet_bqml.shape}")
+        if self.info.requires_ct and ct_hu is None:
+            raise ValueError(f"{self.info.name} needs a CT and none was given")
+        if ct_hu is not None and ct_hu.shape != pet_bqml.shape:
+            raise ValueError(f"CT shape {ct_hu.shape} differs from PET shape {pet_bqml.shape}")
+        if progress:
+            progress(0.0, "resample")
+        target = self.config.spacing_mm
+        pet_image = array_image(np.nan_to_num(pet_bqml, nan=0.0), spacing_mm)
+        reference = isotropic_reference(pet_image, target)
+        same_grid = all(abs(float(s) - target) < 1e-6 for s in spacing_mm)
+        pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
+        pet_iso = pet_clean if same_grid else resample_onto(pet_image, reference, default=0.0)
+        ct_iso = None
+        if ct_hu is not None and self.model.diffusion.uses_ct:
+            ct32 = ct_hu.astype(np.float32)
+            ct_iso = (
+                ct32 if same_grid else resample_onto(array_image(ct32, spacing_mm), reference, default=AIR_HU)
+            )
+
+        norm = self.config.normalisation
+        if norm.mode == "minmax":
+            low, high = float(pet_iso.min()), float(pet_iso.max())
+            offset, scale = low, max(high - low, 1e-6)
+        else:
+            offset, scale = 0.0, norm.scale_bqml
+        t_poisson = self.poisson_step(pet_iso / norm.scale_bqml)
+        log.debug("placed on schedule", extra={"fields": {"t_star": round(t_poisson, 1)}})
+        out_norm = self._run_tiles((pet_iso - offset) / scale, ct_iso, t_poisson, progress)
+        out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
+
+        if same_grid:
+            out = out_iso
+        else:
+            out_image = array_image(out_iso, (target,) * 3)
+            out_image.SetOrigin(reference.GetOrigin())
+            out = resample_onto(out_image, pet_image, default=0.0)
+        if progress:
+            progress(1.0, "done")
+        # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
+        return np.clip(out, 0.0, None).astype(np.float32)
+
+
+def resolve_inference_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def load_diffusion_enhancer(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    steps: int | None = None,
+    dose_fraction: float | None = None,
+    seed: int = 0,
+) -> DiffusionEnhancer:
+    """Load a ``.safetensors`` checkpoint (+ JSON config) as a :class:`DiffusionEnhancer`.
+
+    Refuses a checkpoint whose denoiser was never trained (an autoencoder-stage file).
+    """
+    dev = resolve_inference_device(device)
+    model = load_checkpoint(path, device=dev)
+    if not model.config.training.get("denoiser", {}).get("steps"):
+        raise ValueError(f"{Path(path).name} holds a trained autoencoder only; train the denoiser first")
+    return DiffusionEnhancer(
+        model, version=weights_digest(path), device=dev, steps=steps, dose_fraction=dose_fraction, seed=seed
+    )

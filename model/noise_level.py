@@ -1,0 +1,89 @@
+"""How noisy is a PET volume, and where does that put it on the diffusion schedule.
+
+:func:`noise_index` is a robust, single-image estimate of the relative noise variance: the median over
+the body of ``hp² / smooth``, where ``hp`` is the high-pass residual and ``smooth`` the local mean.
+Reconstructed PET noise variance grows like activity / dose, so the index grows like 1 / dose and does
+not depend on the uptake pattern. It is biased (it also sees fine structure, and correlated noise
+only in part), which does not matter: the :class:`NoiseCurve` calibrates it against the schedule on
+the training data with the same estimator, and t* is read off that curve (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+__all__ = ["NoiseCurve", "noise_index"]
+
+
+def noise_index(volume: np.ndarray, *, sigma_voxels: float = 1.0, body_fraction: float = 0.1) -> float:
+    """Relative noise variance of a ``(z, y, x)`` activity volume in a fixed intensity unit.
+
+    Voxels whose local mean exceeds ``body_fraction`` × the 99th percentile of the local mean count
+    as body. Returns 0.0 for an empty volume. The unit of the input matters (the index scales with
+    it): always pass Bq/ml ÷ the checkpoint's fixed scale.
+    """
+    v = np.asarray(volume, dtype=np.float32)
+    smooth = gaussian_filter(v, sigma_voxels, mode="nearest")
+    hp = v - smooth
+    top = float(np.percentile(smooth, 99.0)) if smooth.size else 0.0
+    if top <= 0:
+        return 0.0
+    mask = smooth > body_fraction * top
+    if not mask.any():
+        return 0.0
+    return float(np.median(hp[mask] ** 2 / smooth[mask]))
+
+
+@dataclass(frozen=True)
+class NoiseCurve:
+    """The schedule's noise measured once on training data (stored in the checkpoint).
+
+    For each Poisson step ``t`` (dose ``d_t``): ``latent_sigma`` is the RMS of E(perturb(x, d_t)) − E(x)
+    in scaled latent units, ``noise_index`` the image-domain :func:`noise_index` of perturb(x, d_t).
+    """
+
+    t: tuple[float, ...]
+    dose: tuple[float, ...]
+    latent_sigma: tuple[float, ...]
+    noise_index: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.t)
+        if n < 2 or any(len(v) != n for v in (self.dose, self.latent_sigma, self.noise_index)):
+            raise ValueError(
+                f"NoiseCurve needs ≥ 2 points and equal lengths, found t {n}, dose {len(self.dose)}, "
+                f"latent_sigma {len(self.latent_sigma)}, noise_index {len(self.noise_index)}"
+            )
+        if any(b <= a for a, b in zip(self.t, self.t[1:], strict=False)):
+            raise ValueError(f"NoiseCurve.t must increase strictly, found {self.t}")
+        if min(self.latent_sigma) <= 0 or min(self.noise_index) <= 0:
+            raise ValueError("NoiseCurve: latent_sigma and noise_index must be positive")
+
+    @staticmethod
+    def _monotone(values: Sequence[float]) -> np.ndarray:
+        # Measured on finite data a curve can wiggle; noise only grows with t, so take the running max.
+        return np.maximum.accumulate(np.asarray(values, dtype=np.float64))
+
+    def latent_sigma_at(self, t: float | np.ndarray) -> np.ndarray:
+        """σ_t (scaled latent units) at any t, log-linear interpolation, held constant outside."""
+        return np.exp(np.interp(t, self.t, np.log(self._monotone(self.latent_sigma))))
+
+    def t_from_noise_index(self, value: float) -> float:
+        """t* whose measured noise index matches ``value`` (clipped to the measured range)."""
+        curve = np.log(self._monotone(self.noise_index))
+        # np.interp needs increasing x; ties (flat stretches) are broken by a tiny ramp.
+        curve = curve + np.arange(curve.size) * 1e-9
+        return float(np.interp(np.log(max(value, 1e-30)), curve, self.t))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {k: [float(x) for x in getattr(self, k)] for k in ("t", "dose", "latent_sigma", "noise_index")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Sequence[float]]) -> NoiseCurve:
+        return cls(
+            **{k: tuple(float(x) for x in data[k]) for k in ("t", "dose", "latent_sigma", "noise_index")}
+        )

@@ -1,0 +1,134 @@
+"""The instance store: durable before Success, idempotent, nothing half-written on failure."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from dicomnode.db import DB_FILENAME, Database
+from dicomnode.store import InstanceStore, OutOfResources, PutResult
+from dicomnode.validate import InstanceMeta
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+def meta(sop_uid: str = "1.2.3.4.5", **overrides: object) -> InstanceMeta:
+    fields = dict(
+        sop_uid=sop_uid,
+        study_uid=STUDY,
+        series_uid=SERIES,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.128",
+        modality="PT",
+        frame_of_reference_uid="1.2.3.9",
+        position_mm=(0.0, 0.0, 4.0),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        rows=32,
+        columns=32,
+        pixel_spacing_mm=(4.0, 4.0),
+        units="BQML",
+        corrected_image=("ATTN", "DECY"),
+        series_type="STATIC",
+        number_of_slices=24,
+    )
+    fields.update(overrides)
+    return InstanceMeta(**fields)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> InstanceStore:
+    db = Database(tmp_path / DB_FILENAME)
+    yield InstanceStore(tmp_path / "spool", db)
+    db.close()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_put_writes_the_file_then_the_row(store: InstanceStore) -> None:
+    result = store.put(meta(), b"DICOM bytes", calling_ae="SCANNER")
+    assert result is PutResult.STORED
+    path = store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"
+    assert path.read_bytes() == b"DICOM bytes"
+    rows = store.db.query("SELECT * FROM instances")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["modality"], row["units"], row["corrected_image"], row["number_of_slices"]) == (
+        "PT",
+        "BQML",
+        "ATTN\\DECY",
+        24,
+    )
+    assert (row["position_z"], row["rows"], row["row_spacing"], row["calling_ae"]) == (
+        4.0,
+        32,
+        4.0,
+        "SCANNER",
+    )
+    assert store.root / row["path"] == path
+    assert not list(store.tmp_dir.iterdir())
+    assert store.paths(["1.2.3.4.5", "9.9"]) == {"1.2.3.4.5": path}
+
+
+def test_duplicate_is_idempotent(store: InstanceStore) -> None:
+    assert store.put(meta(), b"first") is PutResult.STORED
+    assert store.put(meta(), b"second") is PutResult.DUPLICATE
+    assert len(store.db.query("SELECT * FROM instances")) == 1
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"first"
+
+
+def test_below_min_free_space_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    db = Database(tmp_path / DB_FILENAME)
+    store = InstanceStore(tmp_path / "spool", db, min_free_mb=10**9)  # a petabyte: never free
+    with pytest.raises(OutOfResources, match="min_free_mb"):
+        store.put(meta(), b"x")
+    assert _files(store.root) == []
+    assert db.query("SELECT * FROM instances") == []
+
+
+@pytest.mark.parametrize("failing", ["os.fsync", "os.replace", "os.write"])
+def test_write_error_leaves_nothing_half_written(
+    store: InstanceStore, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(f"dicomnode.store.{failing}", disk_full)
+    with pytest.raises(OutOfResources, match="disk full"):
+        store.put(meta(), b"x" * 1000)
+    monkeypatch.undo()
+    assert _files(store.root) == []
+    assert store.db.query("SELECT * FROM instances") == []
+    # The node keeps working once the disk has room again.
+    assert store.put(meta(), b"x") is PutResult.STORED
+
+
+def test_index_error_removes_the_file(store: InstanceStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_transaction():
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store.db, "transaction", broken_transaction)
+    with pytest.raises(OutOfResources, match="cannot index"):
+        store.put(meta(), b"x")
+    monkeypatch.undo()
+    assert _files(store.root) == []
+
+
+def test_stale_temp_files_are_removed_at_start(store: InstanceStore) -> None:
+    (store.tmp_dir / "1.2.3.abc.part").write_bytes(b"half")
+    assert store.remove_stale_temp_files() == 1
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_index_survives_reopening(tmp_path: Path) -> None:
+    db = Database(tmp_path / DB_FILENAME)
+    InstanceStore(tmp_path / "spool", db).put(meta(), b"x")
+    db.close()
+    again = Database(tmp_path / DB_FILENAME)
+    assert InstanceStore(tmp_path / "spool", again).contains("1.2.3.4.5")
+    assert again.query("PRAGMA journal_mode")[0][0] == "wal"
+    again.close()

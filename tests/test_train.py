@@ -1,0 +1,136 @@
+"""Training on CPU with tiny settings: losses fall, Poisson slabs, calibration, resume, `upete train`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_model_config, read_training_meta
+from model.diffusion import Variant
+from model.train import TrainSettings, train
+from model.train_data import TrainingCase, load_cases
+from model.train_patches import PatchSampler, PerturbedPool
+from tests.model_toys import tiny_phantom, write_nifti_cases
+
+#: Two-level autoencoder (f = 2) and U-Net on 8×16×16 patches: a training step takes milliseconds.
+FAST = dict(
+    ae_channels=(8, 8),
+    unet_channels=(8, 16),
+    latent_channels=4,
+    norm_groups=4,
+    head_channels=8,
+    patch_size=(8, 16, 16),
+    curve_points=3,
+    curve_slabs=1,
+    pool_size=2,
+    log_every_s=0.0,
+)
+SHAPE = (16, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    return write_nifti_cases(tmp_path_factory.mktemp("nifti"), 3, shape=SHAPE)
+
+
+def _settings(variant: str, data, out, **kw) -> TrainSettings:
+    return TrainSettings(variant=Variant(variant), out_dir=out, data_dir=data, device="cpu", **{**FAST, **kw})
+
+
+def test_a_tiny_model_trains_on_tiny_phantoms_and_its_losses_fall(data, tmp_path) -> None:
+    settings = _settings(
+        "ldm",
+        data,
+        tmp_path,
+        ae_steps=40,
+        denoiser_steps=40,
+        ae_lr=2e-3,
+        unet_lr=2e-3,
+        noisy_fraction=0.0,
+        seed=1,
+    )
+    result = train(settings)
+    ae, dn = np.array(result.losses["ae"]), np.array(result.losses["denoiser"])
+    assert len(ae) == 40 and len(dn) == 40 and np.isfinite(ae).all() and np.isfinite(dn).all()
+    assert ae[-10:].mean() < 0.8 * ae[:10].mean()
+    assert dn[-10:].mean() < 0.9 * dn[:10].mean()
+    config = load_model_config(result.checkpoint)
+    assert config.variant is Variant.LDM and config.training["denoiser"]["steps"] == 40
+    assert config.training["autoencoder"]["cases"] == 3
+    assert 0.1 < config.latent_scale < 100
+    assert 1000 < config.normalisation.scale_bqml < 8000  # median body activity of the phantoms
+    assert result.autoencoder_checkpoint.is_file()
+
+
+def test_poisson_ct_variant_calibrates_its_noise_curve(data, tmp_path) -> None:
+    result = train(_settings("ldm-p-ct", data, tmp_path, ae_steps=3, denoiser_steps=3, curve_points=4))
+    curve = load_model_config(result.checkpoint).noise_curve
+    assert curve.t == (0.0, 133.0, 267.0, 400.0)
+    assert curve.dose[0] == 1.0 and curve.dose[-1] == pytest.approx(1e-3)
+    assert np.all(np.diff(curve.noise_index) > 0)  # the image noise grows with t on any model
+    assert all(s > 0 for s in curve.latent_sigma)
+
+
+def test_training_resumes_where_it_stopped(data, tmp_path) -> None:
+    train(_settings("ldm", data, tmp_path, ae_steps=4, denoiser_steps=0, stage="ae"))
+    assert read_training_meta(tmp_path / "train_state.safetensors")["stage"] == "denoiser"
+    steps: list[tuple[str, int]] = []
+    result = train(
+        _settings("ldm", data, tmp_path, ae_steps=4, denoiser_steps=5, resume=True),
+        on_step=lambda stage, step, loss: steps.append((stage, step)),
+    )
+    assert steps == [("denoiser", k) for k in range(1, 6)]  # the autoencoder was not trained again
+    assert len(result.losses["ae"]) == 4  # the losses of the first run came back with the state
+    # Interrupted in the middle of a stage: resume continues from the saved step.
+    out2 = tmp_path / "again"
+    train(_settings("ldm", data, out2, ae_steps=3, denoiser_steps=0, stage="ae"))
+    steps.clear()
+    train(
+        _settings("ldm", data, out2, ae_steps=3, denoiser_steps=2, resume=True),
+        on_step=lambda *a: steps.append(a[:2]),
+    )
+    assert steps == [("denoiser", 1), ("denoiser", 2)]
+
+
+def test_denoiser_stage_needs_a_trained_autoencoder(data, tmp_path) -> None:
+    with pytest.raises(ValueError, match="--init"):
+        train(_settings("ldm", data, tmp_path, stage="denoiser"))
+
+
+def test_patches_and_perturbed_slabs_line_up() -> None:
+    pet, ct = tiny_phantom(0, SHAPE)
+    case = TrainingCase("c", pet, ct)
+    rng = np.random.default_rng(0)
+    sampler = PatchSampler([case], patch=(8, 16, 16), scale_bqml=4000.0, rng=rng, with_ct=True)
+    batch = sampler.clean_batch(3)
+    assert batch.clean.shape == batch.ct.shape == (3, 1, 8, 16, 16)
+    assert batch.clean.dtype == torch.float32 and batch.clean.max() > 0.5  # body-centred, fixed scale
+    pool = PerturbedPool(sampler, timesteps=400, dose_min=1e-3, size=2, refresh=0.5,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    noisy = pool.batch(4)
+    assert noisy.noisy.shape == noisy.clean.shape == noisy.ct.shape and noisy.t.shape == (4,)
+    assert set(noisy.t.tolist()) <= {s.t for s in pool.slabs}
+    # Same crop, same flip: the noisy patch is the clean one plus noise, the CT its anatomy.
+    for k in range(4):
+        body = noisy.ct[k, 0] > -500
+        assert (
+            noisy.clean[k, 0][body].mean() > 4 * noisy.clean[k, 0][~body].mean().clamp_min(1e-3)
+            or not (~body).any()
+        )
+        correlation = np.corrcoef(noisy.clean[k].flatten(), noisy.noisy[k].flatten())[0, 1]
+        assert correlation > 0.3
+    first = [id(s) for s in pool.slabs]
+    pool.batch(1)  # refresh 0.5: nothing replaced yet
+    assert [id(s) for s in pool.slabs] == first
+    pool.batch(1)  # … one slab now
+    assert sum(a != id(b) for a, b in zip(first, pool.slabs, strict=True)) == 1
+
+
+def test_nifti_cases_load_on_the_2mm_grid_and_shard(data) -> None:
+    cases = load_cases(data)
+    assert [c.name for c in cases] == ["case_00", "case_01", "case_02"]
+    assert cases[0].pet.shape == SHAPE and cases[0].ct.shape == SHAPE
+    assert [c.name for c in load_cases(data, shard=(1, 2))] == ["case_01"]
+    with pytest.raises(ValueError, match="no simulated case, NIfTI pair or DICOM"):
+        load_cases(data / "case_00" / "..", dicom_loader=None, shard=(5, 6))

@@ -1,0 +1,60 @@
+"""``upete resend JOB``: send a job's derived series again (or rerun it when it has none).
+
+Only changes the job's row in the node database; a running node's sender (or the worker, for a job
+without output) picks it up within a second, a stopped node at its next start. The derived series
+keeps its UIDs, so a PACS replaces what it already has instead of storing a second copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dicomnode.audit import AuditLog
+from dicomnode.config import ConfigError, load_settings
+from dicomnode.db import DB_FILENAME, Database
+from dicomnode.jobs import JobQueue, JobState, destination_key
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "resend",
+        help="send a job's derived series again",
+        description="Put a job back to sending (to every configured destination, retries reset); a job "
+        "that failed before producing its derived series is queued to run again with the same UIDs. "
+        "Exit status 0 when done, 1 for an unknown or running job, 2 for a bad config.",
+    )
+    parser.add_argument("job", type=int, metavar="JOB", help="job id, as `upete status` shows it")
+    parser.add_argument(
+        "--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = settings.storage.root / DB_FILENAME
+    try:
+        db = Database(path, create=False)
+    except FileNotFoundError:
+        print(f"error: no node database at {path} (has `upete serve` run with this config?)", file=sys.stderr)
+        return 1
+    audit = AuditLog(settings.logging.audit_file)
+    try:
+        destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]
+        state = JobQueue(db, audit).resend(args.job, destinations)
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    finally:
+        audit.close()
+        db.close()
+    if state is JobState.SENDING:
+        print(f"job {args.job}: sending again to {len(destinations)} destination(s)")
+    else:
+        print(f"job {args.job}: queued to run again (same derived series UIDs)")
+    return 0
