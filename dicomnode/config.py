@@ -137,6 +137,8 @@ class DestinationSettings(_Section):
     port: Port
     max_retries: int = Field(5, ge=0)
     retry_backoff_s: float = Field(10.0, ge=0)
+    # How long to wait for each C-STORE response before the unacknowledged instances are sent again.
+    dimse_timeout_s: float = Field(20.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -242,7 +244,8 @@ def parse_settings(data: object, *, source: str = "<config>") -> Settings:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections, found {type(data).__name__}")
+        found = type(data).__name__
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, found {found}")
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:

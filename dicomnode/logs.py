@@ -15,7 +15,8 @@ import time
 class _Base(logging.Formatter):
     def _fields(self, record: logging.LogRecord) -> dict[str, object]:
         fields = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),

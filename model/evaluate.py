@@ -79,7 +79,7 @@ class EvalCase:
     lesion_labels: np.ndarray
     spacing_mm: tuple[float, float, float]
     weight_kg: float
-    injected_bq: float
+    injected_bq: float  # injected activity decayed to the scan start: SUV = Bq/ml × weight_g / this
     liver_label: int | None = None
     _body: np.ndarray | None = field(default=None, repr=False)
 
@@ -133,6 +133,13 @@ def as_eval_case(case: Any, default_id: str | None = None) -> EvalCase:
         case_id = f"seed{meta['seed']}"
     else:
         case_id = default_id or "case"
+    weight_kg = _meta_number(meta, "patient_weight_kg", "weight_kg")
+    if meta.get("bqml_per_suv"):
+        # The simulator's SUV divides by the injected activity decayed to the scan start, as a
+        # scanner's SUVbw does; SUV = Bq/ml × weight_g / injected_bq then matches its organ SUVs.
+        injected_bq = float(meta["bqml_per_suv"]) * weight_kg * 1000.0
+    else:
+        injected_bq = _meta_number(meta, "injected_activity_bq", "injected_bq")
     return EvalCase(
         case_id=case_id,
         ct_hu=case.ct_hu,
@@ -142,8 +149,8 @@ def as_eval_case(case: Any, default_id: str | None = None) -> EvalCase:
         organ_labels=case.organ_labels,
         lesion_labels=case.lesion_labels,
         spacing_mm=tuple(float(s) for s in case.spacing_mm),
-        weight_kg=_meta_number(meta, "patient_weight_kg", "weight_kg"),
-        injected_bq=_meta_number(meta, "injected_activity_bq", "injected_bq"),
+        weight_kg=weight_kg,
+        injected_bq=injected_bq,
         liver_label=_liver_label(),
     )
 
@@ -250,11 +257,16 @@ class _Cache:
     def __init__(self, cache_dir: Path | None) -> None:
         self.path = None if cache_dir is None else Path(cache_dir) / "records.jsonl"
         self.done: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self._torn = False  # the file ends inside a line: start the next record on a fresh one
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
+            text = self.path.read_text()
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
                     record = json.loads(line)
-                    self.done[self._key(record)] = record
+                except json.JSONDecodeError:  # a line torn by a kill mid-write: that work is redone
+                    continue
+                self.done[self._key(record)] = record
 
     @staticmethod
     def _key(record: Mapping[str, Any]) -> tuple[str, str, str, str]:
@@ -287,7 +299,9 @@ class _Cache:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")  # NaN/inf survive as NaN/Infinity (Python's json)
+                prefix = "\n" if self._torn else ""
+                f.write(prefix + json.dumps(record) + "\n")  # NaN/inf survive as NaN/Infinity
+            self._torn = False
 
 
 def _cases(cases: Sequence[Any]) -> Iterator[EvalCase]:

@@ -23,17 +23,25 @@ def gaussian_kernel1d(fwhm_mm: float, spacing_mm: float, *, device=None) -> torc
     return (kernel / kernel.sum()).to(device=device, dtype=torch.float32)
 
 
-def _filter_last(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
-    """Convolve along the last axis of ``x`` (any shape) with a symmetric ``kernel``."""
-    shape = x.shape
-    flat = x.reshape(-1, 1, shape[-1])
+def _filter_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int, mode: str) -> torch.Tensor:
+    """Convolve ``x`` along ``axis`` with a symmetric ``kernel`` by shifted adds.
+
+    On CPU, torch's single-channel conv1d/conv2d run ~4× slower than summing a handful of shifted
+    slices (7–15 taps here), and shifted adds need no reshape or transpose of the volume.
+    """
     radius = kernel.numel() // 2
+    length = x.shape[axis]
+    pad = [0, 0] * (x.dim() - (axis % x.dim()) - 1) + [radius, radius]
     if mode == "zeros":
-        out = F.conv1d(flat, kernel.view(1, 1, -1), padding=radius)
+        padded = F.pad(x, pad)
     else:
-        # Replicate padding needs at least one sample; reflect would need radius < length.
-        out = F.conv1d(F.pad(flat, (radius, radius), mode="replicate"), kernel.view(1, 1, -1))
-    return out.reshape(shape)
+        # Replicate padding: F.pad supports it for the last 3 dims of a (N, C, ...) tensor only.
+        edges = [x.narrow(axis, 0, 1)] * radius + [x] + [x.narrow(axis, length - 1, 1)] * radius
+        padded = torch.cat(edges, dim=axis)
+    out = padded.narrow(axis, 0, length) * kernel[0]
+    for i in range(1, kernel.numel()):
+        out.add_(padded.narrow(axis, i, length), alpha=float(kernel[i]))
+    return out
 
 
 def gaussian_filter_inplane(
@@ -50,8 +58,7 @@ def gaussian_filter_inplane(
     if mode not in ("zeros", "replicate"):
         raise ValueError(f"mode must be 'zeros' or 'replicate', found {mode!r}")
     kernel = gaussian_kernel1d(fwhm_mm, pixel_size_mm, device=image.device).to(image.dtype)
-    out = _filter_last(image, kernel, mode)
-    return _filter_last(out.transpose(-1, -2), kernel, mode).transpose(-1, -2)
+    return _filter_axis(_filter_axis(image, kernel, -1, mode), kernel, -2, mode)
 
 
 def gaussian_filter_axial(
@@ -60,6 +67,7 @@ def gaussian_filter_axial(
     """Gaussian blur along axis -3 (z) of ``volume (..., Z, H, W)``; non-positive FWHM: unchanged."""
     if fwhm_mm <= 0 or volume.shape[-3] < 2:
         return volume
+    if mode not in ("zeros", "replicate"):
+        raise ValueError(f"mode must be 'zeros' or 'replicate', found {mode!r}")
     kernel = gaussian_kernel1d(fwhm_mm, spacing_mm, device=volume.device).to(volume.dtype)
-    moved = volume.movedim(-3, -1)
-    return _filter_last(moved.contiguous(), kernel, mode).movedim(-1, -3)
+    return _filter_axis(volume, kernel, -3, mode)

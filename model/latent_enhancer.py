@@ -150,8 +150,18 @@ class DiffusionEnhancer(Enhancer):
         norm = np.zeros(padded_shape, dtype=np.float32)
         model, scale = self.model, self.config.latent_scale
         generator = torch.Generator().manual_seed(self.seed)
-        done = 0
-        for batch in self._batches(corners, self.config.sampler.tile_batch):
+        # Tiles of pure air (no activity at all) are left as they are: nothing to enhance, and a
+        # whole-body FOV is mostly air around the patient.
+        busy = []
+        for corner in corners:
+            window = tuple(slice(c, c + t) for c, t in zip(corner, tile, strict=True))
+            if float(np.abs(x_pad[window]).max()) > 0.0:
+                busy.append(corner)
+            else:
+                acc[window] += x_pad[window] * weights
+                norm[window] += weights
+        done = len(corners) - len(busy)
+        for batch in self._batches(busy, self.config.sampler.tile_batch):
             windows = [tuple(slice(c, c + t) for c, t in zip(corner, tile, strict=True)) for corner in batch]
             xs = torch.from_numpy(np.stack([x_pad[w] for w in windows])[:, None]).to(self.device)
             z_ct = None

@@ -304,8 +304,9 @@ def gap_closed(value: float, lpet_value: float, ceiling_value: float) -> float:
     """Fraction of the LPET → ceiling gap a method closes: 0 = no better than LPET, 1 = at the ceiling.
 
     Works for higher-is-better (PSNR, SSIM) and lower-is-better (NRMSE) metrics alike, since it is a
-    ratio of differences. Negative when the method is worse than LPET, above 1 past the ceiling (only
-    possible by chance on a noisy reference). NaN when LPET is already at the ceiling.
+    ratio of differences. Negative when the method is worse than LPET; above 1 past the ceiling, which
+    happens against a noisy reference whose noise the method's input shares (an LPET thinned from the
+    SPET's counts). NaN when LPET is already at the ceiling.
     """
     gap = ceiling_value - lpet_value
     if not all(math.isfinite(v) for v in (value, lpet_value, ceiling_value)) or gap == 0:

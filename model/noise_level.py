@@ -29,9 +29,13 @@ def noise_index(volume: np.ndarray, *, sigma_voxels: float = 1.0, body_fraction:
     v = np.asarray(volume, dtype=np.float32)
     smooth = gaussian_filter(v, sigma_voxels, mode="nearest")
     hp = v - smooth
-    top = float(np.percentile(smooth, 99.0)) if smooth.size else 0.0
-    if top <= 0:
+    if not smooth.size:
         return 0.0
+    top = float(np.percentile(smooth, 99.0))
+    if top <= 0:  # almost no counts (a tiny dose): the few non-zero voxels are the body
+        top = float(smooth.max())
+        if top <= 0:
+            return 0.0
     mask = smooth > body_fraction * top
     if not mask.any():
         return 0.0

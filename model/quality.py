@@ -158,6 +158,22 @@ def build_methods(
     return methods
 
 
+def _figure_case(cases: Sequence[Any]) -> int:
+    """Index of the case to show in the panels: the first with lesions, an OSEM one if there is one."""
+    def describe(case: Any) -> tuple[bool, bool]:
+        if isinstance(case, (str, Path)):
+            meta = json.loads((Path(case) / "meta.json").read_text())
+            return bool(meta.get("lesions")), meta.get("recon", {}).get("algorithm") == "osem"
+        meta = getattr(case, "meta", {}) or {}
+        return bool(case.lesion_labels.any()), meta.get("recon", {}).get("algorithm", "osem") == "osem"
+
+    found = [describe(c) for c in cases]
+    for wanted in ((True, True), (True, False)):
+        if wanted in found:
+            return found.index(wanted)
+    return 0
+
+
 def _tuned_factory(name: str, by_dose: Mapping[str, Mapping[str, Any]]):
     def factory(dose: float):
         entry = by_dose.get(f"{dose:g}")
@@ -203,7 +219,8 @@ def run_quality(
                          max_slices=tune_slices, progress=progress)
     built = build_methods(names, tuned=tuned, checkpoints=checkpoints)
     built.update(extra_methods or {})
-    results = evaluate(built, test_cases, doses, cache_dir=cache_dir or out_dir / "cache", progress=progress)
+    results = evaluate(built, test_cases, doses, cache_dir=cache_dir or out_dir / "cache",
+                       figure_case=_figure_case(test_cases), progress=progress)
     summary = summarise(results)
 
     full_header = dict(header or {})

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class TrainSettings:
     device: str = "auto"
     amp: bool = True
     resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.stage not in ("ae", "denoiser", "both"):
@@ -359,7 +358,10 @@ class _Run:
             self.precision.step(loss, self.opt_ae, ae.parameters(), clip=1.0)
             if use_adv:
                 with self.precision.autocast():
-                    d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+                    # One forward over real and fake together: DDP expects one forward per backward.
+                    logits = disc(torch.cat([x, recon.detach()])).float()
+                real, fake = logits.chunk(2)
+                d_loss = hinge_d_loss(real, fake)
                 self.precision.step(d_loss, self.opt_disc, self.disc.parameters(), clip=None)
             value = float(loss.detach())
             self.losses["ae"].append(value)
@@ -409,16 +411,17 @@ class _Run:
         )
         self.model.with_config(self.config)
         self.ema.shadow.schedule = self.model.diffusion.schedule
-        log.info(
-            "calibrated",
-            extra={
-                "fields": {
-                    "latent_scale": f"{latent_scale:.4g}",
-                    "sigma_0": f"{sigma[0]:.4g}",
-                    "sigma_T": f"{sigma[-1]:.4g}",
-                }
-            },
-        )
+        if self.dist.main:
+            log.info(
+                "calibrated",
+                extra={
+                    "fields": {
+                        "latent_scale": f"{latent_scale:.4g}",
+                        "sigma_0": f"{sigma[0]:.4g}",
+                        "sigma_T": f"{sigma[-1]:.4g}",
+                    }
+                },
+            )
         self.meta = {"stage": "denoiser", "step": 0}
         self.save_state()
         if self.dist.main:

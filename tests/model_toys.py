@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 #: Tiny model sizes shared by the tests (channels (8, 8, …) as in MONAI's unit tests).
@@ -22,6 +24,18 @@ TINY = dict(
     head_channels=8,
 )
 TINY_PATCH = (16, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Import into a test module to run its tests on one torch thread (restored afterwards).
+
+    Tensors this small gain nothing from threads, and on a shared machine OpenMP's spinning costs 5×.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_phantom(seed: int = 0, shape: tuple[int, int, int] = (24, 48, 48)) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +98,6 @@ def tiny_config(variant: str, **overrides):  # noqa: ANN201 - model.network.Mode
 
 def tiny_checkpoint(folder: Path, variant: str, *, seed: int = 0, **overrides) -> Path:
     """An untrained (random) tiny model saved as ``folder/tiny-VARIANT.safetensors`` + JSON."""
-    import torch
-
     from model.checkpoint import save_checkpoint
     from model.network import UPETeModel
 

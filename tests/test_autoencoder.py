@@ -18,6 +18,7 @@ from model.autoencoder import (
     window_ct,
 )
 from model.losses import PerceptualLoss, ResNet3d, hinge_d_loss, hinge_g_loss, ssim3d, ssim_loss
+from tests.model_toys import one_thread  # noqa: F401 - autouse fixture
 
 
 def _tiny_ae(levels: int = 3) -> AutoencoderKL:

@@ -111,3 +111,24 @@ def test_central_slab(case) -> None:
     slab = central_slab(case, 6)
     assert slab.spet_bqml.shape[0] == 6 and slab.lpet_bqml[0.1].shape[0] == 6
     assert central_slab(case, None) is case
+
+
+def test_bilateral_matches_the_definition() -> None:
+    # Brute force on a tiny volume: out(p) = Σ_q Gs Gr PET(q) / Σ_q Gs Gr over the 2σ ball inside the volume.
+    rng = np.random.default_rng(5)
+    pet = rng.uniform(100, 1000, (5, 6, 7)).astype(np.float32)
+    ct = rng.uniform(-100, 100, pet.shape).astype(np.float32)
+    spacing = (3.0, 2.0, 2.0)
+    enhancer = make_baseline("bilateral", spatial_fwhm_mm=6.0, range_sigma_hu=40.0)
+    # (uniformly positive, so body_box keeps the whole volume)
+    out = enhancer.enhance_array(pet, ct, spacing_mm=spacing)
+    sigma = 6.0 / 2.3548
+    expected = np.zeros_like(pet)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in pet.shape], indexing="ij"), -1).reshape(-1, 3)
+    for p in grid:
+        d2 = (((grid - p) * spacing) ** 2).sum(1)
+        inside = d2 <= (2 * sigma) ** 2 + 1e-9
+        q = grid[inside]
+        w = np.exp(-d2[inside] / (2 * sigma**2) - (ct[tuple(q.T)] - ct[tuple(p)]) ** 2 / (2 * 40.0**2))
+        expected[tuple(p)] = (w * pet[tuple(q.T)]).sum() / w.sum()
+    np.testing.assert_allclose(out, expected, rtol=1e-5)

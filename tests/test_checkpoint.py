@@ -17,7 +17,7 @@ from model.checkpoint import (
     weights_digest,
 )
 from model.network import ModelConfig, UPETeModel
-from tests.model_toys import tiny_checkpoint, tiny_config
+from tests.model_toys import one_thread, tiny_checkpoint, tiny_config  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from dicomnode.config import DEFAULT_CONFIG, ConfigError, load_settings, parse_settings
 
@@ -83,5 +84,5 @@ def test_unreadable_or_invalid_file(tmp_path: Path) -> None:
 
 def test_settings_are_frozen() -> None:
     settings = load_settings(DEFAULT_CONFIG)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         settings.node.port = 1  # type: ignore[misc]

@@ -17,7 +17,7 @@ from model.diffusion import (
 )
 from model.network import UPETeModel
 from model.noise_level import NoiseCurve, noise_index
-from tests.model_toys import tiny_config, tiny_phantom
+from tests.model_toys import one_thread, tiny_config, tiny_phantom  # noqa: F401 - one_thread: autouse fixture
 
 CURVE = tiny_config("ldm-p").noise_curve
 

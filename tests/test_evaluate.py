@@ -131,3 +131,90 @@ def test_missing_dose_is_reported(cases) -> None:
         evaluate({}, cases, (0.25,), progress=False)
     with pytest.raises(KeyError, match="no entry for dose 0.1"):
         evaluate({"m": {0.5: make_baseline("lpet")}}, cases, (0.1,), progress=False)
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    """Two test cases and one validation case from the real simulator, on a tiny grid."""
+    from model.dataset import save_case, simulate_case
+
+    root = tmp_path_factory.mktemp("sim")
+    for folder, seed in (("test", 200000), ("test", 200001), ("val", 100000)):
+        save_case(simulate_case(seed, shape=(8, 48, 48), doses=DOSES), root / folder / f"case_{seed}")
+    return root
+
+
+def test_upete_evaluate_command(simulated: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from upete.cli import main
+
+    out = tmp_path / "report"
+    argv = ["evaluate", "--data", str(simulated / "test"), "--out", str(out), "--methods", "lpet,gaussian",
+            "--doses", "0.5,0.1", "--val", str(simulated / "val"), "--tune-slices", "0", "--quiet"]
+    assert main(argv) == 0
+    assert "ok: 2 case(s) x 2 dose(s) x 2 method(s)" in capsys.readouterr().out
+    text = (out / "quality.md").read_text()
+    assert "| 10 % | Gaussian |" in text and "| Gaussian | 50 % | fwhm_mm = " in text
+    assert "case_100000" in text and "case_200001" in text
+    tuned = json.loads((out / "tuned_params.json").read_text())["tuned"]
+    assert set(tuned["gaussian"]) == {"0.5", "0.1"}
+    assert tuned["gaussian"]["0.1"]["signature"]["val_cases"] == ["case_100000"]
+    data = json.loads((out / "quality.json").read_text())
+    # SUVs use the simulator's decay-corrected definition: a lesion's SUVmax in the noiseless
+    # reconstruction is its phantom SUV, less what the resolution blurs away.
+    meta = json.loads((simulated / "test" / "case_200000" / "meta.json").read_text())
+    truth = {les["label"]: les["suv"] for les in meta["lesions"]}
+    ceiling = data["references"]["case_200000"]["ceiling"]["refs"]["spet"]["lesions"]
+    assert truth and len(ceiling) == len(truth)
+    for les in ceiling:
+        assert 0.2 * truth[les["label"]] < les["suvmax"] < 1.3 * truth[les["label"]]
+    curves = ["lesion_bias_vs_dose.png", "psnr_vs_dose.png", "ssim_vs_dose.png"]
+    assert sorted(p.name for p in out.glob("*_vs_dose.png")) == curves
+    panels = sorted(p.name for p in out.glob("panel_*.png"))
+    assert len(panels) == 2 and panels[0].endswith("_dose10.png") and panels[1].endswith("_dose50.png")
+    # Test cases may not be tuned on.
+    argv[argv.index("--val") + 1] = str(simulated / "test")
+    assert main(argv) == 1
+    assert "in both the test and the validation set" in capsys.readouterr().err
+
+
+def test_upete_evaluate_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from upete.cli import main
+
+    assert main(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--doses", "2"]) == 2
+    assert "fractions in (0, 1]" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no cases in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quality_benchmark_script(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).parent.parent / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--cases", "2", "--val-cases", "1", "--shape", "8,48,48", "--doses", "0.5,0.1",
+            "--methods", "lpet,gaussian,bilateral", "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out"), "--tune-slices", "0", "--quiet"]
+    assert bench.main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "data" / "test").iterdir()) == ["case_200000", "case_200001"]
+    assert [p.name for p in (tmp_path / "data" / "val").iterdir()] == ["case_100000"]
+    text = (tmp_path / "out" / "quality.md").read_text()
+    assert "python benchmarks/quality.py --cases 2" in text and "wall time of this run" in text
+    assert text.count("| CT bilateral |") >= 4  # 2 doses × 2 reference tables (+ tuning rows)
+    records = (tmp_path / "data" / "cache" / "records.jsonl").read_text().splitlines()
+    assert bench.main(argv) == 0  # resumed: nothing is simulated or scored again
+    assert (tmp_path / "data" / "cache" / "records.jsonl").read_text().splitlines() == records
+
+
+def test_cache_survives_a_torn_line(cases, tmp_path: Path) -> None:
+    method = Counting(lambda v: v * 1.0)
+    evaluate({"same": method}, cases[:1], DOSES, cache_dir=tmp_path, figure_case=None, progress=False)
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])  # killed while writing the last one
+    evaluate({"same": method}, cases[:1], DOSES, cache_dir=tmp_path, figure_case=None, progress=False)
+    assert method.calls == 3  # 2 doses, then only the torn record again
+    evaluate({"same": method}, cases[:1], DOSES, cache_dir=tmp_path, figure_case=None, progress=False)
+    assert method.calls == 3  # the redone record landed on a line of its own

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from model.enhance import load_enhancer
 from model.latent_enhancer import DiffusionEnhancer, _gaussian_weights, tile_starts
 from model.network import NormalisationConfig
-from tests.model_toys import tiny_checkpoint, tiny_phantom
+from tests.model_toys import one_thread, tiny_checkpoint, tiny_phantom  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.mark.parametrize("variant", ["ldm", "ldm-p", "ldm-ct", "ldm-p-ct"])
@@ -128,3 +128,15 @@ def test_a_checkpoint_without_a_trained_denoiser_is_refused(tmp_path) -> None:
     path = tiny_checkpoint(tmp_path, "ldm-p", training={"denoiser": {"steps": 0}})
     with pytest.raises(ValueError, match="autoencoder only"):
         load_enhancer(str(path), device="cpu")
+
+
+def test_tiles_of_pure_air_are_not_run_through_the_model(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, "ldm-p")), device="cpu", steps=2)
+    pet = np.zeros((16, 32, 96), dtype=np.float32)
+    pet[:, :, :32] = tiny_phantom(0, (16, 32, 32))[0]  # activity in the first third only
+    calls = []
+    encode = enhancer.model.autoencoder.encode
+    monkeypatch.setattr(enhancer.model.autoencoder, "encode", lambda x: calls.append(x.shape[0]) or encode(x))
+    out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    assert sum(calls) < len(tile_starts(96, 32, 0.25))  # the air tiles were skipped
+    assert np.all(out[:, :, 72:] == 0)

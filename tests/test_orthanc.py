@@ -30,6 +30,7 @@ GUARDED_RULE = """
 -- Route each series of a stable study once; never the node's own output (Manufacturer "uPETe node").
 routed = {}
 function OnStableStudy(studyId, tags, metadata)
+  print('upete-rule ran')
   local ids = {}
   for _, series in ipairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))) do
     local manufacturer = series['MainDicomTags']['Manufacturer'] or ''
@@ -48,6 +49,7 @@ end
 NAIVE_RULE = """
 -- Route every stable study, whatever it holds.
 function OnStableStudy(studyId, tags, metadata)
+  print('upete-rule ran')
   RestApiPost('/modalities/upete/store', '{"Resources":["' .. studyId .. '"],"Synchronous":true}')
 end
 """
@@ -161,8 +163,10 @@ def test_orthanc_routes_the_study_and_gets_the_derived_series_back(tmp_path: Pat
 
         derived = wait_for(derived_in_orthanc, timeout=90, interval=0.5, what="the derived series in Orthanc")
         derived_uid = derived["MainDicomTags"]["SeriesInstanceUID"]
-        # Let the study become stable again (StableAge 2 s) and the rule run on it once more.
-        time.sleep(5)
+        # The derived series made the study change: once stable again, the rule runs a second time.
+        wait_for(lambda: (tmp_path / "orthanc.out").read_text().count("upete-rule ran") >= 2, timeout=30,
+                 what="Orthanc's rule to run on the study again")
+        time.sleep(1)  # whatever that run sent has reached the node
         assert len(orthanc.series_of_study()) == 3  # PET, CT, derived: nothing duplicated
         assert len(db_rows(node.db_path, "SELECT * FROM jobs")) == 1
         [job] = db_rows(node.db_path, "SELECT * FROM jobs")

@@ -14,12 +14,14 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import DestinationSettings, load_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.jobs import JobQueue, JobState
-from dicomnode.sender import Sender, send_files
+from dicomnode.sender import Sender, _keep_stolen_responses, send_files
 from dicomnode.synthetic import StudyInfo, write_pet_series
 from tests.nodeutil import StoreSCP, free_port, wait_for, write_config
 from upete.cli import main
@@ -103,6 +105,26 @@ def test_a_lost_response_is_sent_again_on_a_new_association(files: list[Path]) -
     assert outcome.ok and outcome.sent == len(files) and outcome.unacknowledged == 0
     assert set(scp.calls) == _uids(files) and scp.calls.count(scp.calls[0]) == 2
     assert elapsed < 10
+
+
+def test_a_response_taken_by_the_reactor_is_handed_back(tmp_path: Path) -> None:
+    # The pynetdicom 3.0.4 race (DESIGN.md §7), made deterministic: the reactor thread calls
+    # _serve_request with the C-STORE response that send_c_store is waiting for.
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        ae = AE(ae_title="UPETE")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS")
+        assert assoc.is_established
+        try:
+            _keep_stolen_responses(assoc)
+            response = C_STORE()
+            response.MessageIDBeingRespondedTo = 1
+            response.Status = 0x0000
+            assert not response.is_valid_request
+            assoc._serve_request(response, 1)
+            assert assoc.dimse.get_msg(block=False) == (1, response)
+        finally:
+            assoc.release()
 
 
 def _job_with_output(queue: JobQueue, root: Path, files: list[Path], destination: str) -> int:

@@ -32,7 +32,8 @@ def test_serve_answers_dcmtk_echoscu_and_stops_on_sigterm(tmp_path: Path) -> Non
         deadline = time.monotonic() + 60
         while True:
             echo = subprocess.run([echoscu, "-aec", "UPETE", "-to", "5", "127.0.0.1", str(port)],
-                                  capture_output=True, text=True, timeout=30, env={**os.environ, "TCP_NODELAY": "1"})
+                                  capture_output=True, text=True, timeout=30,
+                                  env={**os.environ, "TCP_NODELAY": "1"})
             if echo.returncode == 0 or time.monotonic() > deadline or node.poll() is not None:
                 break
             time.sleep(0.3)

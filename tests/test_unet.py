@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.unet import AttentionGate, CTCrossAttention, RelativePositionBias, UNet, UNetConfig
+from tests.model_toys import one_thread  # noqa: F401 - autouse fixture
 
 
 def _config(uses_ct: bool, **kw) -> UNetConfig:

@@ -16,6 +16,8 @@ COMMANDS = (
     "train",
     "status",
     "resend",
+    "evaluate",
+    "simulate",
     "check_config",
 )
 

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Validate a config file: unknown keys, wrong types, bad ports and unreadable paths are "
         "reported with the file and key; exit status 0 when the file is usable, 2 when not.",
     )
-    parser.add_argument("--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="config file (default: the embedded config/node.yaml)")
     return parser
 
 

@@ -59,6 +59,12 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401 - the figures need it; it comes with the "bench" extra
+    except ImportError:
+        print("error: upete evaluate draws figures with matplotlib: pip install 'upete-node[bench]'",
+              file=sys.stderr)
+        return 2
     # Imported here so `upete --help` stays fast.
     from model.dataset import list_cases
     from model.quality import machine_description, run_quality
