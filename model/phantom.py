@@ -355,8 +355,8 @@ def generate_phantom(
     spacing_mm: float | tuple[float, float, float] = 2.0,
 ) -> Phantom:
     """A chest-abdomen PET/CT phantom for ``seed`` on a ``shape`` ``(z, y, x)`` grid of ``spacing_mm``."""
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be (z, y, x) with at least 8 voxels per axis, found {tuple(shape)}")
+    if len(shape) != 3 or shape[0] < 1 or min(shape[1:]) < 8:
+        raise ValueError(f"shape must be (z, y, x) with ≥ 1 slice of ≥ 8×8 voxels, found {tuple(shape)}")
     spacing = (float(spacing_mm),) * 3 if np.isscalar(spacing_mm) else tuple(float(s) for s in spacing_mm)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing_mm must be positive (one value or z, y, x), found {spacing_mm}")

@@ -13,12 +13,14 @@ times as large, so thinned counts are exactly what a ``d``-fraction acquisition 
 list-mode stream sampled for ``d`` of the frame time, as the paper made its LPET), and thinning is a
 Markov chain: ``thin(thin(n, d₁), d₂/d₁) ~ thin(n, d₂)``.
 
-Count level (defaults, documented choice): a digital whole-body PET/CT with 16 cps/kBq sensitivity
-(Biograph Vision class), 150 s per bed position, 2 mm slices, records on our chest-abdomen phantoms
-(≈ 3–4.5 MBq/kg FDG, 50–75 min uptake) about 1.0–1.3·10⁵ true counts per axial slice through the
-liver with the CT μ-map, and 0.9–1.8·10⁵ through the heart — the low end of the 10⁵–10⁶ a clinical
+Count level (defaults, documented choice): a digital whole-body PET/CT with 16 cps/kBq NEMA
+sensitivity (Biograph Vision class), 180 s per bed position with 50 % bed overlap (each slice is
+counted by two beds whose triangular axial profiles sum to twice the NEMA mean), 2 mm slices,
+records on our chest-abdomen phantoms (≈ 3–4.5 MBq/kg FDG, 50–75 min uptake) about 2.5·10⁵ true
+counts per axial slice through the liver with the CT μ-map — the middle of the 10⁵–10⁶ a clinical
 frame gives. Without a μ-map a uniform survival of 0.12 (the liver-level mean of those phantoms)
-keeps counts at that level. At 10 % dose OSEM images are clearly noisy but readable; at 2 % very noisy.
+keeps counts at that level. At 10 % dose (2.5·10⁴ counts a slice) OSEM images are clearly noisy but
+readable; at 2 % very noisy.
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ class ScannerModel:
     """A PET scanner and protocol as far as count statistics go. All values physical, units in names.
 
     ``sensitivity_cps_per_bq``: true coincidences recorded per decay in the slice (no attenuation),
-    after rebinning to 2D — 0.016 is 16 cps/kBq. ``frame_duration_s``: acquisition time per bed at
-    standard dose. ``background_fraction``: expected randoms + scatter counts per true count (uniform
-    over the sinogram, known to the reconstruction as a scanner's correction would be).
+    after rebinning to 2D, averaged over the axial field of view (NEMA) — 0.016 is 16 cps/kBq.
+    ``frame_duration_s``: acquisition time per bed at standard dose. ``axial_overlap_gain``: the
+    summed axial sensitivity of the bed positions that see a slice, relative to that mean (2 for
+    50 % overlap of triangular profiles, 1 for a single bed's mean). ``background_fraction``:
+    expected randoms + scatter counts per true count (uniform over the sinogram, known to the
+    reconstruction as a scanner's correction would be).
     ``survival_without_mumap``: the mean attenuation survival of lines of response through a
     chest-abdomen, applied uniformly when no μ-map is given, so counts stay at the clinical level.
     ``resolution_fwhm_mm``: the system's intrinsic resolution, applied to a noiseless phantom before
@@ -70,13 +75,19 @@ class ScannerModel:
     """
 
     sensitivity_cps_per_bq: float = 0.016
-    frame_duration_s: float = 150.0
+    frame_duration_s: float = 180.0
+    axial_overlap_gain: float = 2.0
     background_fraction: float = 0.3
     survival_without_mumap: float = 0.12
     resolution_fwhm_mm: float = 4.0
 
     def __post_init__(self) -> None:
-        for name in ("sensitivity_cps_per_bq", "frame_duration_s", "survival_without_mumap"):
+        for name in (
+            "sensitivity_cps_per_bq",
+            "frame_duration_s",
+            "axial_overlap_gain",
+            "survival_without_mumap",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ScannerModel.{name} must be positive, found {getattr(self, name)}")
         if self.survival_without_mumap > 1 or self.sensitivity_cps_per_bq > 1:
@@ -95,10 +106,11 @@ class ScannerModel:
 
         A voxel of ``c`` Bq/ml and volume ``V`` ml decays ``c·V`` times a second; each recorded pair
         lands in exactly one angle (uniform over ``n_angles``) and its footprint integrates to
-        ``pixel²/bin`` mm per angle, so ``κ = sensitivity · duration · slice · bin / (1000 · n_angles)``.
+        ``pixel²/bin`` mm per angle, so ``κ = sensitivity · overlap · duration · slice · bin / (1000 · A)``.
         """
         return (
             self.sensitivity_cps_per_bq
+            * self.axial_overlap_gain
             * self.frame_duration_s
             * slice_thickness_mm
             * bin_size_mm

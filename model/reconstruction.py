@@ -168,20 +168,25 @@ def osem(
 
     subset_idx = projector.subset_angles(subsets)
     lead = y.shape[:-2]
-    norms = []
+    # Split data and factors by subset once; store 1 / sensitivity so the update multiplies only.
+    parts = []
+    total_norm = torch.zeros((), device=y.device)
     for s, idx in enumerate(subset_idx):
-        g_s = torch.broadcast_to(_angles(gain_t, idx, n_angles), (*lead, len(idx), projector.n_bins))
-        norms.append(blur(projector.adjoint_subset(g_s, s, subsets)))
-    total_norm = sum(norms)
+        idx = idx.to(y.device)
+        g_s = _angles(gain_t, idx, n_angles)
+        norm = blur(
+            projector.adjoint_subset(torch.broadcast_to(g_s, (*lead, len(idx), projector.n_bins)), s, subsets)
+        )
+        total_norm = total_norm + norm
+        parts.append(
+            (y.index_select(-2, idx), g_s, _angles(background_t, idx, n_angles), 1.0 / norm.clamp_min(_EPS))
+        )
     trues = (y - background_t).sum(dim=(-2, -1)).clamp_min(0.0)
     start = trues / total_norm.sum(dim=(-2, -1)).clamp_min(_EPS)
     x = start[..., None, None].expand(*lead, projector.image_size, projector.image_size).clone()
     for _ in range(iterations):
-        for s, idx in enumerate(subset_idx):
-            g_s = _angles(gain_t, idx, n_angles)
-            b_s = _angles(background_t, idx, n_angles)
-            y_s = y.index_select(-2, idx.to(y.device))
+        for s, (y_s, g_s, b_s, inv_norm) in enumerate(parts):
             expected = g_s * projector.forward_subset(blur(x), s, subsets) + b_s
             ratio = y_s / expected.clamp_min(_EPS)
-            x = x * blur(projector.adjoint_subset(g_s * ratio, s, subsets)) / norms[s].clamp_min(_EPS)
+            x = x * blur(projector.adjoint_subset(g_s * ratio, s, subsets)) * inv_norm
     return x

@@ -222,6 +222,18 @@ def _pyplot():
     return plt
 
 
+def _dose_axis(ax: Any, doses: Sequence[float]) -> None:
+    """Log dose axis labelled at the doses themselves, in per cent, without minor tick labels."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks([100 * d for d in doses])
+    ax.set_xticklabels([f"{100 * d:g}" for d in doses])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("dose (% of standard)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot_panels(
     results: EvalResults,
     out_dir: Path,
@@ -247,7 +259,13 @@ def plot_panels(
         cols += [(labels.get(m, m), results.slices[f"{case}|{dose:g}|{m}"], "pet")
                  for m in results.methods if m != "lpet" and f"{case}|{dose:g}|{m}" in results.slices]
         cols += [("SPET", refs["SPET"], "pet"), ("CT", refs["CT"], "ct")]
-        fig, axes = plt.subplots(2, len(cols), figsize=(2.4 * len(cols), 5.2), squeeze=False)
+        ny, nx = refs["SPET"]["axial"].shape
+        nz = refs["SPET"]["coronal"].shape[0]
+        heights = [ny, nz * aspect]  # rows as tall as the views they hold
+        fig, axes = plt.subplots(
+            2, len(cols), figsize=(2.4 * len(cols), 2.4 * sum(heights) / nx + 0.6), squeeze=False,
+            gridspec_kw={"height_ratios": heights},
+        )
         for j, (title, views, kind) in enumerate(cols):
             for i, view in enumerate(("axial", "coronal")):
                 ax = axes[i, j]
@@ -302,9 +320,6 @@ def plot_psnr_vs_dose(
         name, _, style = metric.partition("_")
         ax.set_ylabel(f"{name.upper()} ({style}){' (dB)' if name == 'psnr' else ''}")
         ax.set_title(f"against the {'SPET' if ref == 'spet' else 'noiseless expectation'}")
-        ax.set_xticks([100 * d for d in doses])
-        ax.set_xticklabels([f"{100 * d:g}" for d in doses])
-        ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,13 +351,9 @@ def plot_lesion_bias_vs_dose(
                         yerr=[100 * s.get("std", math.nan) for s in stats], marker="o", capsize=3,
                         label=labels.get(method, method))
         ax.axhline(0, color="k", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_xticks([100 * d for d in doses])
-        ax.set_xticklabels([f"{100 * d:g}" for d in doses])
-        ax.set_xlabel("dose (% of standard)")
-        ax.set_ylabel(f"lesion {key.replace('_bias', '').upper()} bias (%)")
+        _dose_axis(ax, doses)
+        ax.set_ylabel(f"lesion {'SUVmax' if key == 'suvmax_bias' else 'SUVmean'} bias (%)")
         ax.set_title("against the noiseless expectation")
-        ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,14 @@ from model.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from model.diffusion import GaussianSchedule, LatentDiffusion, Variant
+from model.diffusion import GaussianSchedule, LatentDiffusion
 from model.losses import PerceptualLoss, hinge_d_loss, hinge_g_loss, ssim_loss
-from model.network import ModelConfig, NormalisationConfig, UPETeModel, default_config
+from model.network import ModelConfig, UPETeModel
 from model.noise_level import NoiseCurve
 from model.train_data import DicomLoader, fixed_scale_bqml, load_cases
 from model.train_patches import PatchSampler, PerturbedPool
 from model.train_runtime import Distributed, Ema, Precision, ProgressLog, resolve_device
+from model.train_settings import DEFAULT_PATCH_CPU, DEFAULT_PATCH_CUDA, TrainSettings, config_for
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
 
@@ -53,63 +54,6 @@ log = logging.getLogger("model.train")
 
 STATE_NAME = "train_state.safetensors"
 AUTOENCODER_NAME = "autoencoder.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything ``upete train`` can set. Sizes default to DESIGN.md §4's two-CPU-core scale."""
-
-    variant: Variant
-    out_dir: Path
-    data_dir: Path
-    stage: str = "both"  # "ae", "denoiser" or "both"
-    init: Path | None = None  # a checkpoint whose trained autoencoder (and calibration) to reuse
-    patch_size: tuple[int, int, int] | None = None  # None: 96³ on CUDA, 32×48×48 on CPU
-    batch_size: int = 2
-    ae_steps: int = 2000
-    denoiser_steps: int = 4000
-    ae_channels: tuple[int, ...] = (16, 32, 64)
-    latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (32, 64, 64)
-    norm_groups: int = 8
-    head_channels: int = 32
-    ae_lr: float = 1e-4
-    disc_lr: float = 1e-4
-    unet_lr: float = 2e-4
-    kl_weight: float = 1e-6
-    ssim_weight: float = 0.5
-    adv_weight: float = 0.01
-    adv_start: int | None = None  # AE step where the discriminator joins; default half of ae_steps
-    perceptual_weights: Path | None = None
-    perceptual_weight: float = 0.1
-    noisy_fraction: float = 0.25  # AE batches made of perturbed SPET
-    pool_size: int = 8
-    pool_refresh: float = 1.0  # perturbed slabs replaced per batch
-    vary_recon: bool = True
-    normalisation: str = "fixed"
-    curve_points: int = 17
-    curve_slabs: int = 4
-    ema_decay: float = 0.999
-    checkpoint_every_s: float = 300.0
-    log_every_s: float = 15.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    resume: bool = False
-
-    def validate(self) -> None:
-        if self.stage not in ("ae", "denoiser", "both"):
-            raise ValueError(f"stage must be ae, denoiser or both, found {self.stage!r}")
-        if self.stage == "denoiser" and self.init is None and not self.resume:
-            raise ValueError(
-                "--stage denoiser needs a trained autoencoder: give --init CHECKPOINT or --resume"
-            )
-        if min(self.ae_steps, self.denoiser_steps) < 0 or self.batch_size < 1:
-            raise ValueError("steps must be ≥ 0 and batch_size ≥ 1")
-        if not 0 <= self.noisy_fraction <= 1:
-            raise ValueError(f"noisy_fraction must be in [0, 1], found {self.noisy_fraction}")
-        if self.curve_points < 2 or self.curve_slabs < 1:
-            raise ValueError("curve_points must be ≥ 2 and curve_slabs ≥ 1")
 
 
 @dataclass
@@ -140,25 +84,6 @@ class _DenoiserLoss(nn.Module):
 
     def forward(self, z0, z_t, t, ct):  # noqa: ANN001, ANN201
         return self.diffusion.loss(z0, z_t, t, ct)
-
-
-#: Default training patches (z, y, x): the issue's 96³ where a GPU trains, DESIGN.md §4's CPU scale otherwise
-#: (64³ costs ≈ 4 s a step for the default autoencoder on two cores, 32×48×48 about a quarter of that).
-DEFAULT_PATCH_CUDA = (96, 96, 96)
-DEFAULT_PATCH_CPU = (32, 48, 48)
-
-
-def _config_for(settings: TrainSettings, scale_bqml: float, patch: tuple[int, int, int]) -> ModelConfig:
-    return default_config(
-        settings.variant,
-        ae_channels=settings.ae_channels,
-        latent_channels=settings.latent_channels,
-        unet_channels=settings.unet_channels,
-        norm_groups=settings.norm_groups,
-        head_channels=settings.head_channels,
-        patch_size=patch,
-        normalisation=NormalisationConfig(mode=settings.normalisation, scale_bqml=scale_bqml),
-    )
 
 
 class _Run:
@@ -202,7 +127,7 @@ class _Run:
             self.config = self._config_from_init(settings.init)
         else:
             total, count = self.dist.sum(list(fixed_scale_bqml(self.cases)), self.device)
-            self.config = _config_for(settings, total / count, self._default_patch())
+            self.config = config_for(settings, total / count, self._default_patch())
         self.model = UPETeModel(self.config).to(self.device)
         if settings.init is not None and not resumed:
             self.model.autoencoder.load_state_dict(load_checkpoint(settings.init).autoencoder.state_dict())
@@ -250,7 +175,7 @@ class _Run:
         init = load_model_config(path)
         if init.noise_curve is None:
             raise ValueError(f"{path} has no calibrated autoencoder (no noise curve); train stage ae first")
-        config = _config_for(self.s, init.normalisation.scale_bqml, init.patch_size)
+        config = config_for(self.s, init.normalisation.scale_bqml, init.patch_size)
         return dataclasses.replace(
             config,
             autoencoder=init.autoencoder,

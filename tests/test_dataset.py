@@ -65,8 +65,8 @@ def test_lower_doses_are_noisier_and_keep_the_mean(case) -> None:
         assert volume[body].mean() == pytest.approx(ref[body].mean(), rel=0.05), dose
         errors.append(float(np.sqrt(((volume - ref)[body] ** 2).mean())))
     assert errors == sorted(errors) and errors[-1] > 3 * errors[0]
-    # The noiseless reconstruction is close to the truth inside the body (resolution aside).
-    assert ref[body].mean() == pytest.approx(case.truth_bqml[body].mean(), rel=0.05)
+    # The noiseless reconstruction keeps the truth's activity (resolution moves it, does not lose it).
+    assert ref.sum() == pytest.approx(case.truth_bqml.sum(), rel=0.04)
 
 
 def test_same_seed_same_case(case) -> None:

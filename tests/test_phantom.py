@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from model.phantom import HU_RANGE, LABELS, ORGANS, SUV_RANGE, PET_TEXTURE, Phantom, generate_phantom
+from model.phantom import HU_RANGE, LABELS, ORGANS, PET_TEXTURE, SUV_RANGE, Phantom, generate_phantom
 
 SEEDS = (3, 11, 25)
 
@@ -77,7 +77,9 @@ def test_activity_is_fdg_like_per_organ(phantoms: list[Phantom]) -> None:
             assert lo - slack <= median <= hi + slack, f"seed {ph.seed} {name}: SUV {median:.2f}"
         # SUV 1 is the injected activity, decayed, per gram of body weight.
         decay = math.exp(-math.log(2) * ph.uptake_time_s / 6586.2)
-        assert ph.bqml_per_suv == pytest.approx(ph.injected_activity_bq * decay / (ph.patient_weight_kg * 1000))
+        assert ph.bqml_per_suv == pytest.approx(
+            ph.injected_activity_bq * decay / (ph.patient_weight_kg * 1000)
+        )
         assert 2.0e6 <= ph.injected_activity_bq / ph.patient_weight_kg <= 6.0e6  # 2–6 MBq/kg
 
 
@@ -136,7 +138,7 @@ def test_habitus_varies_between_patients(phantoms: list[Phantom]) -> None:
     assert max(body_area) / min(body_area) > 1.1
 
 
-@pytest.mark.parametrize("bad", [(4, 64, 64), (32, 64)])
+@pytest.mark.parametrize("bad", [(0, 64, 64), (8, 4, 64), (32, 64)])
 def test_bad_shapes_are_refused(bad) -> None:
     with pytest.raises(ValueError, match="shape"):
         generate_phantom(0, shape=bad)

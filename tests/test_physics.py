@@ -157,6 +157,7 @@ def test_count_level_follows_the_scanner_model() -> None:
         * 32
         * 32
         * scanner.sensitivity_cps_per_bq
+        * scanner.axial_overlap_gain
         * scanner.frame_duration_s
         * scanner.survival_without_mumap
     )

@@ -198,5 +198,19 @@ def test_dicom_studies_load_through_the_cli_loader(tmp_path) -> None:
     (case,) = load_cases(tmp_path, dicom_loader=_dicom_loader, need_ct=True)
     assert case.pet.shape == (24, 48, 48)  # resampled to 2 mm
     assert case.ct.shape == case.pet.shape
-    assert abs(float(case.pet.mean()) * 8 - float(pet.mean()) * 8) < 0.05 * float(pet.mean()) * 8
+    assert float(case.pet.mean()) == pytest.approx(float(pet.mean()), rel=0.05)  # Bq/ml kept
     assert case.ct.min() >= -1001 and case.ct.max() > 0
+
+
+def test_upete_train_usage_errors_exit_2(tmp_path, capsys) -> None:
+    from upete.cli import main
+
+    assert main(["train", "--variant", "ldm", "--simulate", "0", "--out", str(tmp_path)]) == 2
+    assert "at least 1 case" in capsys.readouterr().err
+    args = ["train", "--variant", "ldm", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*args, "--stage", "denoiser"]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "no simulated case, NIfTI pair or DICOM study" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--patch", "16,16"])
