@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dicomnode.config import ConfigError, load_settings
+from upete.commands.common import EXIT_USAGE, add_config_option, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,17 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Validate a config file: unknown keys, wrong types, bad ports and unreadable paths are "
         "reported with the file and key; exit status 0 when the file is usable, 2 when not.",
     )
-    parser.add_argument("--config", metavar="FILE",
-                        help="config file (default: the embedded config/node.yaml)")
+    add_config_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_config(args)
+    if settings is None:
+        return EXIT_USAGE
     node = settings.node
     print(f"ok: AE {node.ae_title} on {node.host}:{node.port}, spool {settings.storage.root}, "
           f"model {settings.model.checkpoint} on {settings.model.device}, "

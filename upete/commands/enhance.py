@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dicomnode.config import ConfigError, load_settings, resolve_checkpoint
+from dicomnode.config import resolve_checkpoint
 from dicomnode.logs import setup_logging
+from upete.commands.common import EXIT_USAGE, add_config_option, fail, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,28 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--ct", metavar="DIR", help="folder holding the CT series of the same study")
     parser.add_argument("--no-ct", action="store_true", help="enhance without a CT (PET-only model variant)")
     parser.add_argument("--out", metavar="DIR", required=True, help="folder for the derived series")
-    parser.add_argument("--config", metavar="FILE",
-                        help="config file (default: the embedded config/node.yaml)")
+    add_config_option(parser)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"),
                         help="overrides model.device of the config")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step to stderr")
     return parser
 
 
-def _error(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return status
-
-
 def run(args: argparse.Namespace) -> int:
     if args.ct and args.no_ct:
-        return _error("give either --ct DIR or --no-ct, not both", 2)
+        return fail("give either --ct DIR or --no-ct, not both", 2)
     if not args.ct and not args.no_ct:
-        return _error("give --ct DIR (the CT of the study), or --no-ct to enhance without a CT", 2)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        return _error(str(exc), 2)
+        return fail("give --ct DIR (the CT of the study), or --no-ct to enhance without a CT", 2)
+    settings = load_config(args)
+    if settings is None:
+        return EXIT_USAGE
     setup_logging("INFO" if args.verbose else "WARNING", settings.logging.format)
 
     # Imported here so `upete --help` stays fast.
@@ -57,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         pet_paths = find_series(args.pet, "PT")
         ct_paths = None if args.no_ct else find_series(args.ct, "CT")
     except FolderError as exc:
-        return _error(str(exc), 1)
+        return fail(str(exc), 1)
 
     model = settings.model
     device = args.device or model.device
@@ -71,17 +64,17 @@ def run(args: argparse.Namespace) -> int:
         enhancer = load(spec)
         if ct_paths is None and enhancer.info.requires_ct:
             if model.checkpoint_without_ct is None:
-                return _error(f"{enhancer.info.name} needs a CT and model.checkpoint_without_ct is not set; "
+                return fail(f"{enhancer.info.name} needs a CT and model.checkpoint_without_ct is not set; "
                               "give --ct DIR", 2)
             spec = model.checkpoint_without_ct
             enhancer = load(spec)
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
-        return _error(f"cannot load the model {spec!r}: {exc}", 2)
+        return fail(f"cannot load the model {spec!r}: {exc}", 2)
 
     try:
         result = enhance_series(pet_paths, ct_paths, enhancer, args.out, output=settings.output)
     except VolumeError as exc:
-        return _error(f"cannot enhance this series: {exc}", 1)
+        return fail(f"cannot enhance this series: {exc}", 1)
 
     info = enhancer.info
     print(f"wrote {len(result.paths)} file(s) to {args.out}")

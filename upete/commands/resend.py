@@ -11,9 +11,8 @@ import argparse
 import sys
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import DB_FILENAME, Database
 from dicomnode.jobs import JobQueue, JobState, destination_key
+from upete.commands.common import EXIT_FAILED, EXIT_USAGE, add_config_option, load_config, open_node_database
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,24 +24,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Exit status 0 when done, 1 for an unknown or running job, 2 for a bad config.",
     )
     parser.add_argument("job", type=int, metavar="JOB", help="job id, as `upete status` shows it")
-    parser.add_argument(
-        "--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)"
-    )
+    add_config_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    path = settings.storage.root / DB_FILENAME
-    try:
-        db = Database(path, create=False)
-    except FileNotFoundError:
-        print(f"error: no node database at {path} (has `upete serve` run with this config?)", file=sys.stderr)
-        return 1
+    settings = load_config(args)
+    if settings is None:
+        return EXIT_USAGE
+    db = open_node_database(settings)
+    if db is None:
+        return EXIT_FAILED
     audit = AuditLog(settings.logging.audit_file)
     try:
         destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]

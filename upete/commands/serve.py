@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dicomnode.config import ConfigError, load_settings
 from dicomnode.logs import setup_logging
+from upete.commands.common import EXIT_USAGE, add_config_option, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,18 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "enhance each complete low-dose PET series and send the derived series to the destinations. "
         "Stops gracefully on SIGTERM or Ctrl-C; unfinished work resumes at the next start.",
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)"
-    )
+    add_config_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"error: refusing to start: {exc}", file=sys.stderr)
-        return 2
+    settings = load_config(args, action="refusing to start")
+    if settings is None:
+        return EXIT_USAGE
     setup_logging(settings.logging.level, settings.logging.format)
     from dicomnode.service import run_node
 

@@ -12,9 +12,8 @@ import sys
 import time
 
 from dicomnode.audit import AuditLog
-from dicomnode.config import ConfigError, load_settings
-from dicomnode.db import DB_FILENAME, Database
 from dicomnode.jobs import Job, JobQueue
+from upete.commands.common import EXIT_FAILED, EXIT_USAGE, add_config_option, load_config, open_node_database
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,9 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "the reason of a failure, durations, the PET/CT/derived series UIDs and the delivery to each "
         "destination; then the PET series that were not processed, with why.",
     )
-    parser.add_argument(
-        "--config", metavar="FILE", help="config file (default: the embedded config/node.yaml)"
-    )
+    add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
         "--limit", type=int, default=50, metavar="N", help="show the N newest jobs (default 50)"
@@ -104,17 +101,12 @@ def _print_text(jobs: list[dict], series: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    path = settings.storage.root / DB_FILENAME
-    try:
-        db = Database(path, create=False)
-    except FileNotFoundError:
-        print(f"error: no node database at {path} (has `upete serve` run with this config?)", file=sys.stderr)
-        return 1
+    settings = load_config(args)
+    if settings is None:
+        return EXIT_USAGE
+    db = open_node_database(settings)
+    if db is None:
+        return EXIT_FAILED
     try:
         queue = JobQueue(db, AuditLog(None))  # reads only: no transition to audit
         now = time.time()
@@ -130,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         db.close()
     if args.json:
-        json.dump({"database": str(path), "jobs": jobs, "series": series}, sys.stdout, indent=2)
+        json.dump({"database": str(db.path), "jobs": jobs, "series": series}, sys.stdout, indent=2)
         print()
     else:
         _print_text(jobs, series)
