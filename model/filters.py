@@ -38,9 +38,10 @@ def _filter_axis(x: torch.Tensor, kernel: torch.Tensor, axis: int, mode: str) ->
         # Replicate padding: F.pad supports it for the last 3 dims of a (N, C, ...) tensor only.
         edges = [x.narrow(axis, 0, 1)] * radius + [x] + [x.narrow(axis, length - 1, 1)] * radius
         padded = torch.cat(edges, dim=axis)
-    out = padded.narrow(axis, 0, length) * kernel[0]
-    for i in range(1, kernel.numel()):
-        out.add_(padded.narrow(axis, i, length), alpha=float(kernel[i]))
+    taps = kernel.tolist()  # Python floats: no device round trip per tap on CUDA
+    out = padded.narrow(axis, 0, length) * taps[0]
+    for i in range(1, len(taps)):
+        out.add_(padded.narrow(axis, i, length), alpha=taps[i])
     return out
 
 

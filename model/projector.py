@@ -138,10 +138,12 @@ class ParallelBeamProjector(torch.nn.Module):
         return [torch.arange(s, self.n_angles, n_subsets) for s in range(n_subsets)]
 
     def _subset_ops(self, n_subsets: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if n_subsets not in self._ops:
-            # Keep the full operator and at most one subset split: a 256² matrix is ~200 MB.
-            for key in [k for k in self._ops if k != 1]:
-                del self._ops[key]
+        if n_subsets in self._ops:
+            self._ops[n_subsets] = self._ops.pop(n_subsets)  # most recently used last
+        else:
+            # At most two splits (the full operator counts as one): a 256² split is ~400 MB.
+            while len(self._ops) >= 2:
+                del self._ops[next(iter(self._ops))]
             angles = self.angles_rad.cpu().numpy()
             pairs = []
             for idx in self.subset_angles(n_subsets):
@@ -170,13 +172,38 @@ class ParallelBeamProjector(torch.nn.Module):
         flat = tensor.to(device=self.device, dtype=torch.float32).reshape(-1, math.prod(tail))
         return flat.T.contiguous(), lead
 
+    def _cached_split(self) -> int:
+        """A subset count whose operators exist (1 if none): the full ``A`` is the union of any split,
+        so OSEM-only use never builds the full matrix too."""
+        if 1 in self._ops or not self._ops:
+            return 1
+        return next(reversed(self._ops))
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Project ``image (..., N, N)`` → ``(..., n_angles, n_bins)`` (line integrals, value·mm)."""
-        return self.forward_subset(image, 0, 1)
+        n = self._cached_split()
+        if n == 1:
+            return self.forward_subset(image, 0, 1)
+        parts = [self.forward_subset(image, s, n) for s in range(n)]
+        out = parts[0].new_empty(*parts[0].shape[:-2], self.n_angles, self.n_bins)
+        for idx, part in zip(self.subset_angles(n), parts, strict=True):
+            out[..., idx.to(out.device), :] = part
+        return out
 
     def adjoint(self, sinogram: torch.Tensor) -> torch.Tensor:
         """Back-project ``sinogram (..., n_angles, n_bins)`` → ``(..., N, N)``: exactly ``Aᵀ``."""
-        return self.adjoint_subset(sinogram, 0, 1)
+        n = self._cached_split()
+        if n == 1:
+            return self.adjoint_subset(sinogram, 0, 1)
+        if sinogram.shape[-2:] != (self.n_angles, self.n_bins):
+            expected = f"(..., {self.n_angles}, {self.n_bins})"
+            raise ValueError(f"expected a sinogram of shape {expected}, found {tuple(sinogram.shape)}")
+        sino = sinogram.to(self.device)
+        out = None
+        for s, idx in enumerate(self.subset_angles(n)):
+            part = self.adjoint_subset(sino.index_select(-2, idx.to(sino.device)), s, n)
+            out = part if out is None else out + part
+        return out
 
     def forward_subset(self, image: torch.Tensor, subset: int, n_subsets: int) -> torch.Tensor:
         """``A_s x``: ``(..., N, N)`` → ``(..., len(subset_angles(n_subsets)[subset]), n_bins)``."""

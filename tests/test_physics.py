@@ -62,6 +62,18 @@ def test_subset_operators_are_adjoint_and_partition_the_angles() -> None:
         assert abs(lhs - rhs) / abs(lhs) < 1e-5
 
 
+def test_full_operator_from_a_cached_subset_split_is_the_same() -> None:
+    # After OSEM built a split, A and Aᵀ are assembled from it instead of building the full matrix.
+    split = ParallelBeamProjector(20, pixel_size_mm=PIXEL_MM)
+    split.forward_subset(torch.zeros(20, 20), 0, 4)
+    full = ParallelBeamProjector(20, pixel_size_mm=PIXEL_MM)
+    x = torch.rand(3, 20, 20)
+    y = torch.rand(3, full.n_angles, full.n_bins)
+    torch.testing.assert_close(split(x), full(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.adjoint(y), full.adjoint(y), rtol=1e-5, atol=1e-5)
+    assert list(split._ops) == [4]
+
+
 def test_projection_conserves_mass_at_every_angle() -> None:
     # Each angle sees every pixel once: Σ_bins (A x) · bin = Σ_pixels x · pixel².
     proj = ParallelBeamProjector(32, pixel_size_mm=PIXEL_MM)
