@@ -332,20 +332,22 @@ class MethodSpec:
 
 
 #: Every baseline by name. Grids are small on purpose: tuning runs on a 2-core machine (see
-#: benchmarks/quality.py). They bracket the PSNR optima seen on simulated OSEM phantoms at 2–50 % dose
-#: (Gaussian 4 → 15+ mm, NLM h 1.2 → 9 σ, BM4D 3 → 8 σ, bilateral 5 → 11+ mm; the CT range width
-#: hardly matters there, since PET edges are blurred by the scanner's resolution and CT edges are not).
+#: benchmarks/quality.py). They bracket the PSNR optima seen on the simulated validation phantoms at
+#: 2–50 % dose: Gaussian 5 → 20+ mm, NLM h 2 → 10+ σ, BM4D ~3 → 8+ σ; the bilateral's spatial width
+#: follows the Gaussian's (its cost grows with the cube of it, hence 18 mm at most), while its CT range
+#: width hardly matters there, since PET edges are blurred by the scanner's resolution and CT edges are not.
 METHODS: dict[str, MethodSpec] = {
     "lpet": MethodSpec(LPETEnhancer, {}),
     "gaussian": MethodSpec(
-        GaussianBaseline, {"fwhm_mm": 8.0}, {"fwhm_mm": (3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 16.0, 20.0)}
+        GaussianBaseline, {"fwhm_mm": 8.0},
+        {"fwhm_mm": (3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 16.0, 20.0, 25.0, 30.0)},
     ),
-    "nlm": MethodSpec(NLMEnhancer, {"h_factor": 3.5}, {"h_factor": (1.0, 2.0, 3.5, 6.0, 10.0)}),
-    "bm4d": MethodSpec(BM4DEnhancer, {"sigma_factor": 4.5}, {"sigma_factor": (2.5, 4.5, 8.0)}),
+    "nlm": MethodSpec(NLMEnhancer, {"h_factor": 3.5}, {"h_factor": (2.0, 3.5, 6.0, 10.0, 16.0, 25.0)}),
+    "bm4d": MethodSpec(BM4DEnhancer, {"sigma_factor": 4.0}, {"sigma_factor": (2.0, 4.0, 8.0, 16.0)}),
     "bilateral": MethodSpec(
         CTBilateralEnhancer,
-        {"spatial_fwhm_mm": 9.0, "range_sigma_hu": 150.0},
-        {"spatial_fwhm_mm": (6.0, 9.0, 12.0), "range_sigma_hu": (30.0, 150.0)},
+        {"spatial_fwhm_mm": 11.0, "range_sigma_hu": 150.0},
+        {"spatial_fwhm_mm": (6.0, 11.0, 18.0), "range_sigma_hu": (30.0, 150.0)},
         uses_ct=True,
     ),
 }
