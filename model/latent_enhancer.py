@@ -203,10 +203,10 @@ class DiffusionEnhancer(Enhancer):
         if progress:
             progress(0.0, "resample")
         target = self.config.spacing_mm
-        pet_image = array_image(np.nan_to_num(pet_bqml, nan=0.0), spacing_mm)
+        pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
+        pet_image = array_image(pet_clean, spacing_mm)
         reference = isotropic_reference(pet_image, target)
         same_grid = all(abs(float(s) - target) < 1e-6 for s in spacing_mm)
-        pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
         pet_iso = pet_clean if same_grid else resample_onto(pet_image, reference, default=0.0)
         ct_iso = None
         if ct_hu is not None and self.model.diffusion.uses_ct:
@@ -222,7 +222,18 @@ class DiffusionEnhancer(Enhancer):
         else:
             offset, scale = 0.0, norm.scale_bqml
         t_poisson = self.poisson_step(pet_iso / norm.scale_bqml)
-        log.debug("placed on schedule", extra={"fields": {"t_star": round(t_poisson, 1)}})
+        log.info(
+            "LPET placed on the schedule",
+            extra={
+                "fields": {
+                    "t_star": round(t_poisson, 1),
+                    "from": "dose fraction" if self.dose_fraction is not None else "image noise",
+                    "dose_equivalent": round(
+                        self.config.schedule.dose_min ** (t_poisson / self.config.schedule.timesteps), 4
+                    ),
+                }
+            },
+        )
         out_norm = self._run_tiles((pet_iso - offset) / scale, ct_iso, t_poisson, progress)
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
 

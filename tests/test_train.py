@@ -214,3 +214,21 @@ def test_upete_train_usage_errors_exit_2(tmp_path, capsys) -> None:
     assert "no simulated case, NIfTI pair or DICOM study" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--patch", "16,16"])
+
+
+def test_minmax_normalisation_and_the_perceptual_loss_train_too(data, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from model.losses import ResNet3d
+
+    weights = tmp_path / "resnet_10.safetensors"
+    save_file(ResNet3d(10).state_dict(), str(weights))
+    settings = _settings(
+        "ldm-p", data, tmp_path / "out", ae_steps=2, denoiser_steps=1, normalisation="minmax",
+        perceptual_weights=weights, noisy_fraction=1.0,
+    )  # fmt: skip
+    result = train(settings)
+    assert np.isfinite(result.losses["ae"]).all()
+    config = load_model_config(result.checkpoint)
+    assert config.normalisation.mode == "minmax"
+    assert config.normalisation.scale_bqml > 0  # kept: the noise index is measured in fixed units

@@ -106,14 +106,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--pool-size", metavar="N", type=int, default=8, help="perturbed slabs kept for cropping"
     )
     parser.add_argument(
+        "--pool-refresh",
+        metavar="R",
+        type=float,
+        default=0.25,
+        help="perturbed slabs replaced per step (default 0.25: one every 4 steps; perturbing costs seconds)",
+    )
+    parser.add_argument(
         "--curve-points",
         metavar="N",
         type=int,
-        default=17,
+        default=9,
         help="steps t at which the noise curve is measured",
     )
     parser.add_argument(
-        "--curve-slabs", metavar="N", type=int, default=4, help="slabs averaged per curve point"
+        "--curve-slabs", metavar="N", type=int, default=3, help="slabs averaged per curve point"
     )
     parser.add_argument(
         "--checkpoint-every", metavar="S", type=float, default=300.0, help="seconds between saves"
@@ -210,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
             normalisation=args.normalisation,
             vary_recon=not args.no_vary_recon,
             pool_size=args.pool_size,
+            pool_refresh=args.pool_refresh,
             curve_points=args.curve_points,
             curve_slabs=args.curve_slabs,
             checkpoint_every_s=args.checkpoint_every,
