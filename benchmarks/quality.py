@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="reconstruct test cases with the settings held out of training")
     p.add_argument("--data", default=str(ROOT / "data" / "quality"), help="simulated cases and caches")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="report folder")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's header; repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -136,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                       + ("from the held-out pool" if args.holdout_recons else "from the standard pool"),
         "test case reconstructions": _case_summary(test),
         "baselines": "NLM 3³ patches ±3 search (scikit-image, fast mode); BM4D 'fast' profile on √activity "
-                     "(hard thresholding only, 4-voxel steps, ±4 search); CT bilateral window 2σ ball; "
+                     "(hard thresholding only, 4-voxel steps, ±4 search); CT bilateral piecewise-linear "
+                     "in HU (levels σr/2 apart); "
                      f"tuning grids: {grids}",
         "tuning": f"per dose on the validation cases' central {args.tune_slices or 'all'} slices",
+        **{f"note {i + 1}" if len(args.note) > 1 else "note": n for i, n in enumerate(args.note)},
     }
     results, summary = run_quality(
         test, Path(args.out), methods=methods, doses=doses, val_cases=val,

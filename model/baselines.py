@@ -11,7 +11,7 @@
   the package's defaults, several times slower).
 * ``bilateral``: CT-guided (joint) bilateral filter: a spatial Gaussian of ``spatial_fwhm_mm`` times a
   range kernel on CT differences with ``range_sigma_hu``, so activity is averaged within, not across,
-  CT-visible tissue boundaries.
+  CT-visible tissue boundaries (computed piecewise-linearly over HU levels, Durand & Dorsey 2002).
 
 NLM and BM4D are blind to the noise level, so σ is estimated per volume (:func:`estimate_noise_sigma`,
 a robust std of the high-pass residual in flat body regions) and the tuned parameter is a multiple of
@@ -246,79 +246,70 @@ class CTBilateralEnhancer(Enhancer):
     """Joint bilateral filter guided by the CT.
 
     out(p) = Σ_q G_s(p − q) · G_r(CT(p) − CT(q)) · PET(q) / Σ_q G_s(p − q) · G_r(CT(p) − CT(q)),
-    G_s a Gaussian of ``spatial_fwhm_mm`` (window: a ball of radius 2σ), G_r a Gaussian of
-    ``range_sigma_hu`` on HU differences. One vectorised pass per pair of opposite offsets in the ball
-    (torch, CPU or CUDA); ~3 s for the body box of a 64×192×192 volume at 12 mm on one core here.
+    G_s a Gaussian of ``spatial_fwhm_mm`` (sums over voxels inside the volume), G_r a Gaussian of
+    ``range_sigma_hu`` on HU differences.
+
+    Computed by the piecewise-linear method of Durand & Dorsey (2002), as a cross bilateral: at CT
+    levels ℓ spaced σ_r / 2 apart, N_ℓ = G_s ∗ (G_r(ℓ − CT)·PET) and D_ℓ = G_s ∗ G_r(ℓ − CT) are plain
+    Gaussian filters, and each voxel takes N/D interpolated linearly between the two levels around its
+    own CT value — exact where a voxel's HU is a level; elsewhere within ~1 % even for CT texture as
+    wide as σ_r (tests/test_baselines.py), far closer on tissue-constant CT. Only
+    levels some voxel needs are filtered, and the cost does not grow with the spatial width (a direct
+    sum over a 2σ ball at 18 mm FWHM costs ~20× more here).
     """
 
     method = "bilateral"
 
-    def __init__(self, *, spatial_fwhm_mm: float, range_sigma_hu: float, device: str = "cpu") -> None:
+    def __init__(self, *, spatial_fwhm_mm: float, range_sigma_hu: float) -> None:
         if spatial_fwhm_mm <= 0 or range_sigma_hu <= 0:
             raise ValueError(
                 "spatial_fwhm_mm and range_sigma_hu must be positive, "
                 f"found {spatial_fwhm_mm}, {range_sigma_hu}"
             )
-        self.device = device
         self.params = {"spatial_fwhm_mm": float(spatial_fwhm_mm), "range_sigma_hu": float(range_sigma_hu)}
         self.info = EnhancerInfo(
-            name="CT-guided bilateral", version=f"s{spatial_fwhm_mm:g}mm-r{range_sigma_hu:g}HU",
+            name="CT-guided bilateral", version=f"s{spatial_fwhm_mm:g}mm-r{range_sigma_hu:g}HU-pl",
             description=f"CT-guided bilateral filter, {spatial_fwhm_mm:g} mm FWHM, {range_sigma_hu:g} HU",
             uses_ct=True, requires_ct=True,
         )
 
     def enhance_array(self, pet_bqml, ct_hu=None, *, spacing_mm, progress=None):
-        import torch
-
         if ct_hu is None:
             raise ValueError("the CT-guided bilateral filter needs a CT on the PET grid")
         pet = _float32(pet_bqml)
         if ct_hu.shape != pet.shape:
             raise ValueError(f"CT shape {ct_hu.shape} does not match PET shape {pet.shape}")
         box = body_box(pet)
-        sigma_mm = self.params["spatial_fwhm_mm"] / FWHM_PER_SIGMA
-        radius = [max(1, math.ceil(2.0 * sigma_mm / s)) for s in spacing_mm]
-        # Half the ball: w(p, p+o) = w(p+o, p), so each weight, computed once, serves both voxels.
-        half = [
-            (dz, dy, dx)
-            for dz in range(0, radius[0] + 1)
-            for dy in range(-radius[1], radius[1] + 1)
-            for dx in range(-radius[2], radius[2] + 1)
-            if (dz, dy, dx) > (0, 0, 0)
-            and (dz * spacing_mm[0]) ** 2 + (dy * spacing_mm[1]) ** 2 + (dx * spacing_mm[2]) ** 2
-            <= (2.0 * sigma_mm) ** 2 + 1e-9
-        ]
-        with torch.no_grad():
-            p = torch.from_numpy(np.ascontiguousarray(pet[box])).to(self.device)
-            c = torch.from_numpy(np.ascontiguousarray(ct_hu[box], dtype=np.float32)).to(self.device)
-            num = p.clone()  # the centre voxel, weight 1
-            den = torch.ones_like(p)
-            inv_2r2 = 1.0 / (2.0 * self.params["range_sigma_hu"] ** 2)
-            for i, (dz, dy, dx) in enumerate(half):
-                d2 = (dz * spacing_mm[0]) ** 2 + (dy * spacing_mm[1]) ** 2 + (dx * spacing_mm[2]) ** 2
-                a, b = _overlap(p.shape, (dz, dy, dx))  # voxels p (in a) and p + o (in b)
-                w = torch.exp(-((c[a] - c[b]) ** 2) * inv_2r2 - d2 / (2.0 * sigma_mm**2))
-                num[a] += w * p[b]
-                den[a] += w
-                num[b] += w * p[a]
-                den[b] += w
-                if progress is not None and i % 32 == 0:
-                    progress(i / len(half), "bilateral")
-            # Outside the volume nothing is averaged in: edge voxels simply have fewer neighbours.
-            region = (num / den).cpu().numpy()
-        out = pet.copy()
-        out[box] = region
+        x = pet[box]
+        ct = np.asarray(ct_hu[box], dtype=np.float32)
+        sigma_r = self.params["range_sigma_hu"]
+        sigma_vox = [self.params["spatial_fwhm_mm"] / FWHM_PER_SIGMA / s for s in spacing_mm]
+        step = sigma_r / 2.0
+        lowest = float(ct.min())
+        position = (ct - np.float32(lowest)) / np.float32(step)
+        below = np.floor(position).astype(np.int32)  # each voxel lies between levels `below` and `below + 1`
+        upper_weight = position - below
+        levels = np.union1d(np.unique(below), np.unique(below) + 1)
+
+        def smooth(v: np.ndarray) -> np.ndarray:
+            # Zero outside: the sums then run over voxels inside the volume only, in N and D alike.
+            return ndimage.gaussian_filter(v, sigma=sigma_vox, mode="constant", cval=0.0)
+
+        out = np.zeros_like(x)
+        for i, level in enumerate(levels):
+            lower_side, upper_side = below == level, below == level - 1
+            if not (lower_side.any() or upper_side.any()):
+                continue
+            w = np.exp(-0.5 * ((ct - np.float32(lowest + level * step)) / np.float32(sigma_r)) ** 2)
+            ratio = smooth(w * x) / np.maximum(smooth(w), np.float32(1e-30))
+            out[lower_side] += (1.0 - upper_weight[lower_side]) * ratio[lower_side]
+            out[upper_side] += upper_weight[upper_side] * ratio[upper_side]
+            if progress is not None:
+                progress(i / len(levels), "bilateral")
+        result = pet.copy()
+        result[box] = out
         _report(progress, 1.0, "bilateral")
-        return out
-
-
-def _overlap(shape: tuple[int, ...], offset: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """Slices ``a``, ``b`` of a volume of ``shape`` such that ``b`` is ``a`` moved by ``offset``."""
-    a, b = [], []
-    for n, o in zip(shape, offset, strict=True):
-        a.append(slice(max(0, -o), n - max(0, o)))
-        b.append(slice(max(0, o), n - max(0, -o)))
-    return tuple(a), tuple(b)
+        return result
 
 
 @dataclass(frozen=True)
