@@ -324,9 +324,9 @@ class MethodSpec:
 
 #: Every baseline by name. Grids are small on purpose: tuning runs on a 2-core machine (see
 #: benchmarks/quality.py). They bracket the PSNR optima seen on the simulated validation phantoms at
-#: 2–50 % dose: Gaussian 5 → 20+ mm, NLM h 2 → 10+ σ, BM4D ~3 → 8+ σ; the bilateral's spatial width
-#: follows the Gaussian's (its cost grows with the cube of it, hence 18 mm at most), while its CT range
-#: width hardly matters there, since PET edges are blurred by the scanner's resolution and CT edges are not.
+#: 2–50 % dose: Gaussian 5 → 20 mm, NLM h 2 → 25 σ, BM4D 2 → 16 σ; the bilateral's spatial width
+#: follows the Gaussian's, while its CT range width hardly matters there, since PET edges are blurred
+#: by the scanner's resolution and CT edges are not.
 METHODS: dict[str, MethodSpec] = {
     "lpet": MethodSpec(LPETEnhancer, {}),
     "gaussian": MethodSpec(
@@ -338,7 +338,7 @@ METHODS: dict[str, MethodSpec] = {
     "bilateral": MethodSpec(
         CTBilateralEnhancer,
         {"spatial_fwhm_mm": 11.0, "range_sigma_hu": 150.0},
-        {"spatial_fwhm_mm": (6.0, 11.0, 18.0), "range_sigma_hu": (30.0, 150.0)},
+        {"spatial_fwhm_mm": (5.0, 7.0, 9.0, 11.0, 13.0, 16.0, 20.0), "range_sigma_hu": (30.0, 150.0)},
         uses_ct=True,
     ),
 }
