@@ -122,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         extra[name] = PerDose(lambda d, spec=spec: load_enhancer(spec, dose_fraction=d))
 
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given, skip = [], False
+    for item in argv if argv is not None else sys.argv[1:]:
+        # Notes go into the header themselves, not into the command line.
+        if skip or item.startswith("--note="):
+            skip = False
+        elif item == "--note":
+            skip = True
+        else:
+            given.append(item)
+    command = "python benchmarks/quality.py " + " ".join(given)
     grids = {m: dict(METHODS[m].grid) for m in methods if m in METHODS and METHODS[m].grid}
     header = {
         "command": f"`{command.strip()}`",

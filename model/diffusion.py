@@ -122,7 +122,7 @@ class NoiseSchedule(nn.Module):
 
 
 class GaussianSchedule(NoiseSchedule):
-    """DDPM with linear β (Ho et al. 2020), Eq. numbers of that paper: ᾱ_t = Π(1 − β_s)."""
+    """DDPM with linear β (Ho et al. 2020): ᾱ_t = Π_{s≤t} (1 − β_s), ᾱ_0 = 1."""
 
     kind = "gaussian"
 

@@ -4,7 +4,7 @@
    ``tuned_params.json`` and reused while the validation set, grid and slab size are unchanged).
 2. Build the methods: tuned baselines as :class:`~model.evaluate.PerDose`, plus any diffusion or
    U-Net checkpoint by path (:func:`build_methods`) — later models join by name here.
-3. Evaluate them on the *test* cases (:func:`model.evaluate.evaluate`, cached per run) and write
+3. Evaluate them on the *test* cases (:func:`model.evaluate.evaluate`, cached per case, dose and method) and write
    ``quality.md``, ``quality.json``, ``tuned_params.json`` and PNG figures (:func:`run_quality`).
 """
 
@@ -88,14 +88,14 @@ def tune_all(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Tune every baseline in ``names`` at every dose on ``val_cases`` → ``{name: {"0.1": TuneResult dict}}``.
 
-    Validation cases are loaded once (they are few). Results are saved to ``cache_path`` after each
-    (method, dose), so an interrupted run resumes; an entry is reused only if it was tuned on the same
-    validation cases, grid and slab size.
+    Validation cases are loaded once (they are few), and only if some entry must be tuned. Results are
+    saved to ``cache_path`` after each (method, dose), so an interrupted run resumes; an entry is reused
+    only if it was tuned on the same validation cases, grid and slab size.
     """
     from model.tuning import tune
 
-    loaded = [as_eval_case(c, f"val{i:03d}") for i, c in enumerate(val_cases)]
-    val_ids = sorted(c.case_id for c in loaded)
+    val_ids = sorted(_case_id(c, i, "val") for i, c in enumerate(val_cases))
+    loaded: list[Any] = []  # the validation arrays, read from disk only if something needs tuning
     cached: dict[str, Any] = {}
     if cache_path is not None and cache_path.exists():
         cached = json.loads(cache_path.read_text()).get("tuned", {})
@@ -109,6 +109,8 @@ def tune_all(
             if previous is not None and previous.get("signature") == signature:
                 tuned.setdefault(name, {})[key] = previous
                 continue
+            if not loaded:
+                loaded = [as_eval_case(c, f"val{i:03d}") for i, c in enumerate(val_cases)]
             result = tune(name, loaded, dose, max_slices=max_slices, progress=progress).as_dict()
             result["signature"] = signature
             tuned.setdefault(name, {})[key] = result

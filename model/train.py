@@ -203,19 +203,25 @@ class _Run:
         )
         self.meta = {"stage": meta["stage"], "step": meta["step"]}
         self.losses = meta.get("losses", self.losses)
-        if "torch_cpu" in rng:
-            torch.set_rng_state(rng["torch_cpu"])
-        if "generator" in rng and self.generator.device.type == "cpu":
-            self.generator.set_state(rng["generator"])
-        if meta.get("numpy_rng"):
-            self.rng.bit_generator.state = meta["numpy_rng"]
+        if self.dist.main:
+            if "torch_cpu" in rng:
+                torch.set_rng_state(rng["torch_cpu"])
+            if "generator" in rng:
+                self.generator.set_state(rng["generator"])
+            if meta.get("numpy_rng"):
+                self.rng.bit_generator.state = meta["numpy_rng"]
+        else:
+            # Only rank 0's streams are saved; the others start fresh ones that depend on the step, so
+            # they neither replay their first run nor copy rank 0's.
+            step = int(self.meta["step"])
+            stage = 1 if self.meta["stage"] == "denoiser" else 0
+            self.rng = np.random.default_rng([self.s.seed, self.dist.rank, stage, step])
+            self.generator.manual_seed(hash((self.s.seed, self.dist.rank, stage, step)) & 0x7FFFFFFF)
         log.info("resumed", extra={"fields": {"stage": self.meta["stage"], "step": self.meta["step"]}})
 
     def save_state(self) -> None:
         if self.dist.main:
-            rng = {"torch_cpu": torch.get_rng_state()}
-            if self.generator.device.type == "cpu":
-                rng["generator"] = self.generator.get_state()
+            rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
             meta = {
                 **self.meta,
                 "config": self.config.to_json(),

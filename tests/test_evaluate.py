@@ -52,6 +52,8 @@ def test_end_to_end_outputs(cases, tmp_path: Path) -> None:
         assert low["gaussian"][ref]["psnr_paper"]["mean"] > low["lpet"][ref]["psnr_paper"]["mean"]
     assert low["lpet"]["gap_closed"]["psnr_paper"]["mean"] == 0.0
     assert low["gaussian"]["gap_closed"]["psnr_paper"]["mean"] > 0.0
+    assert 0.0 < low["gaussian"]["gap_closed"]["psnr_paper"]["of_means"] < 1.0
+    assert low["lpet"]["gap_closed"]["psnr_paper"]["of_means"] == 0.0
     assert low["lpet"]["n_cases"] == 2
     assert low["lpet"]["expectation"]["lesions"]["n"] == 4  # 2 lesions × 2 cases
     # Smoothing pulls lesion SUVmax down (signed bias).
@@ -102,6 +104,7 @@ def test_gap_closed_is_one_at_the_ceiling(cases) -> None:
         oracle = summary["per_dose"][dose]["oracle"]
         assert oracle["gap_closed"]["psnr_paper"]["mean"] == pytest.approx(1.0)
         assert oracle["gap_closed"]["nrmse"]["mean"] == pytest.approx(1.0)
+        assert oracle["gap_closed"]["psnr_paper"]["of_means"] == pytest.approx(1.0)
         # Against the expectation the oracle is perfect: PSNR inf, which the mean leaves out.
         assert oracle["expectation"]["psnr_paper"]["n"] == 0
         assert oracle["expectation"]["ssim_paper"]["mean"] == pytest.approx(1.0)
@@ -196,12 +199,13 @@ def test_quality_benchmark_script(tmp_path: Path) -> None:
     spec.loader.exec_module(bench)
     argv = ["--cases", "2", "--val-cases", "1", "--shape", "8,48,48", "--doses", "0.5,0.1",
             "--methods", "lpet,gaussian,bilateral", "--data", str(tmp_path / "data"),
-            "--out", str(tmp_path / "out"), "--tune-slices", "0", "--quiet"]
+            "--out", str(tmp_path / "out"), "--tune-slices", "0", "--quiet", "--note", "first try"]
     assert bench.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "data" / "test").iterdir()) == ["case_200000", "case_200001"]
     assert [p.name for p in (tmp_path / "data" / "val").iterdir()] == ["case_100000"]
     text = (tmp_path / "out" / "quality.md").read_text()
     assert "python benchmarks/quality.py --cases 2" in text and "wall time of this run" in text
+    assert "- **note**: first try" in text and "--note" not in text
     assert text.count("| CT bilateral |") >= 4  # 2 doses × 2 reference tables (+ tuning rows)
     records = (tmp_path / "data" / "cache" / "records.jsonl").read_text().splitlines()
     assert bench.main(argv) == 0  # resumed: nothing is simulated or scored again
