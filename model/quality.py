@@ -4,8 +4,9 @@
    ``tuned_params.json`` and reused while the validation set, grid and slab size are unchanged).
 2. Build the methods: tuned baselines as :class:`~model.evaluate.PerDose`, plus any diffusion or
    U-Net checkpoint by path (:func:`build_methods`) — later models join by name here.
-3. Evaluate them on the *test* cases (:func:`model.evaluate.evaluate`, cached per case, dose and method) and write
-   ``quality.md``, ``quality.json``, ``tuned_params.json`` and PNG figures (:func:`run_quality`).
+3. Evaluate them on the *test* cases (:func:`model.evaluate.evaluate`, cached per case, dose and
+   method) and write ``quality.md``, ``quality.json``, ``tuned_params.json`` and PNG figures
+   (:func:`run_quality`).
 """
 
 from __future__ import annotations
