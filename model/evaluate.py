@@ -468,8 +468,9 @@ def _gap_stats(triples: Sequence[tuple[float, float, float]]) -> dict[str, float
     if finite:
         value, lpet, ceiling = (float(np.mean(col)) for col in zip(*finite, strict=True))
         out["of_means"] = metrics.gap_closed(value, lpet, ceiling)
+        out["gap_of_means"] = ceiling - lpet  # the denominator: how far the LPET is from the ceiling
     else:
-        out["of_means"] = math.nan
+        out["of_means"] = out["gap_of_means"] = math.nan
     return out
 
 

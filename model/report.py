@@ -37,7 +37,8 @@ METRIC_NOTES = """\
   the same reconstruction of noiseless data. *Ceiling* = the expectation scored against the SPET: the
   best an estimate independent of the SPET's noise can reach. *Gap closed* = (method − LPET) /
   (ceiling − LPET) against the SPET, on the means over cases (per-case ratios explode where a case's
-  gap is tiny; they are in the JSON): 0 = no better than LPET, 1 = at the ceiling. Each LPET
+  gap is tiny; they are in the JSON), not printed where the LPET is within 0.5 dB of the ceiling:
+  0 = no better than LPET, 1 = at the ceiling. Each LPET
   is a binomial thinning of the SPET's own counts (as list-mode subsampling makes it), so LPET noise
   correlates with SPET noise, most at high dose: there a filtered LPET can score *above* the ceiling
   (gap closed > 1) against the SPET. The noiseless-expectation columns are free of this effect.
@@ -100,6 +101,17 @@ def _pm(stats: Mapping[str, Any] | None, fmt: str, scale: float = 1.0, unit: str
 
 def _number(value: float | None, fmt: str) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:{fmt}}"
+
+
+#: Below this LPET → ceiling distance (dB) the gap-closed ratio is dominated by noise: not printed.
+MIN_GAP_DB = 0.5
+
+
+def _gap(stats: Mapping[str, Any]) -> str:
+    gap = stats.get("gap_of_means", math.nan)
+    if math.isfinite(gap) and abs(gap) < MIN_GAP_DB:
+        return f"– (LPET {gap:.2f} dB from the ceiling)"
+    return _number(stats.get("of_means"), ".2f")
 
 
 def _fraction(value: float | None) -> str:
@@ -168,7 +180,7 @@ def markdown_report(
             cells = [
                 _dose_label(dose), labels.get(method, method), _pm(s["psnr_paper"], ".2f"),
                 _pm(s["ssim_paper"], ".4f"), _pm(s["psnr_udpet"], ".2f"), _pm(s["ssim_udpet"], ".4f"),
-                _pm(s["nrmse"], ".4f"), _number(m["gap_closed"]["psnr_paper"]["of_means"], ".2f"),
+                _pm(s["nrmse"], ".4f"), _gap(m["gap_closed"]["psnr_paper"]),
                 _pm(s["lesions"]["suvmax_bias"], "+.1f", 100, " %"), _pm(m["liver_cov"], ".3f"),
                 _pm(m["seconds"], ".1f"),
             ]

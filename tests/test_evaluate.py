@@ -222,3 +222,10 @@ def test_cache_survives_a_torn_line(cases, tmp_path: Path) -> None:
     assert method.calls == 3  # 2 doses, then only the torn record again
     evaluate({"same": method}, cases[:1], DOSES, cache_dir=tmp_path, figure_case=None, progress=False)
     assert method.calls == 3  # the redone record landed on a line of its own
+
+
+def test_gap_closed_is_not_printed_when_the_gap_is_tiny() -> None:
+    from model.report import _gap
+
+    assert _gap({"of_means": 0.69, "gap_of_means": 6.5}) == "0.69"
+    assert _gap({"of_means": 30.0, "gap_of_means": 0.05}) == "– (LPET 0.05 dB from the ceiling)"
