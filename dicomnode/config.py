@@ -104,6 +104,31 @@ class TlsSettings(_Section):
             raise ValueError(f"file {value!r} does not exist or is not readable")
         return path
 
+    @model_validator(mode="after")
+    def _ca_for_client_certificates(self) -> TlsSettings:
+        # Requiring client certificates without a CA to check them against would refuse everyone.
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA that signs clients)")
+        return self
+
+
+class DestinationTlsSettings(_Section):
+    # The CA that signed the destination's certificate (null: the system's CAs); our client
+    # certificate and key when the destination requires one.
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    _readable = field_validator("certificate", "private_key", "ca_certificates", mode="before")(
+        TlsSettings._readable.__func__
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
 
 class AccessSettings(_Section):
     # Empty list = any calling AE title is accepted (only sensible on loopback); the default config
@@ -139,6 +164,8 @@ class DestinationSettings(_Section):
     retry_backoff_s: float = Field(10.0, ge=0)
     # How long to wait for each C-STORE response before the unacknowledged instances are sent again.
     dimse_timeout_s: float = Field(20.0, gt=0)
+    # DICOM TLS to this destination; null: plain TCP.
+    tls: DestinationTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -3,9 +3,15 @@
 Handlers are plain functions that get what they need (a :class:`ScpContext`) as an argument; the
 service binds them with :func:`build_ae` / :func:`start_server`. What each answers:
 
+- connection, when ``access.tls`` is set: the TLS handshake (TLS >= 1.2, client certificate checked
+  against the CA when required) completes within ``acse_timeout_s`` or the connection is closed before
+  any DICOM is read; failures are logged and audited with the address (:mod:`dicomnode.tls`);
 - association request: refused (A-ASSOCIATE-RJ, permanent) when the called AE title is not ours or
   the calling AE title (and host, where the config names one) is not allowed; logged and audited with
-  the title and address;
+  the title and address. Beyond ``node.max_associations`` at once, pynetdicom refuses the request
+  (A-ASSOCIATE-RJ transient, local limit exceeded, PS3.8 9.3.4) and we log and audit it;
+- a silent peer: closed after ``acse_timeout_s`` without an A-ASSOCIATE-RQ, and aborted after
+  ``network_timeout_s`` without a PDU once associated (also in the middle of a message);
 - C-ECHO: Success;
 - C-STORE: Success only after :meth:`InstanceStore.put` made the instance durable; otherwise the
   status of :mod:`dicomnode.validate` (0xA900, 0xC000 family) or 0xA700 when it cannot be stored.
@@ -18,6 +24,7 @@ import dataclasses
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -45,6 +52,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, Settings
 from dicomnode.store import InstanceStore, OutOfResources, PutResult
+from dicomnode.tls import handshake, peer_subject, server_context
 from dicomnode.validate import (
     CANNOT_DECODE,
     OUT_OF_RESOURCES,
@@ -61,6 +69,7 @@ __all__ = [
     "build_ae",
     "check_caller",
     "handle_store",
+    "handle_tls_open",
     "set_tcp_nodelay",
     "start_server",
 ]
@@ -154,6 +163,31 @@ def set_tcp_nodelay(event: evt.Event) -> None:
             log.debug("TCP_NODELAY not set", extra={"fields": {"error": str(exc)}})
 
 
+def handle_tls_open(event: evt.Event, ctx: ScpContext) -> None:
+    """EVT_CONN_OPEN with TLS: finish the deferred handshake in this connection's thread, bounded by
+    the ACSE timeout; on failure close the socket, so the DUL sees a closed transport and not one
+    byte of DICOM is read from an unauthenticated peer."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    address = str(event.address[0])
+    try:
+        handshake(sock, timeout_s=ctx.settings.node.acse_timeout_s)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.warning("TLS handshake failed", extra={"fields": {"address": address, "reason": reason}})
+        ctx.audit.record("tls_refused", address=address, reason=reason)
+        try:
+            sock.close()
+        except OSError:
+            pass
+        return
+    log.debug(
+        "TLS established",
+        extra={"fields": {"address": address, "version": sock.version(), "peer": peer_subject(sock)}},
+    )
+
+
 def _peer(event: evt.Event) -> tuple[str, str, str]:
     requestor = event.assoc.requestor
     primitive = requestor.primitive
@@ -187,6 +221,20 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
     # set by send_reject, makes pynetdicom skip the negotiation.
     event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, diagnostic)
     event.assoc.kill()
+
+
+def handle_rejected(event: evt.Event, ctx: ScpContext) -> None:
+    """EVT_REJECTED: pynetdicom's own refusals, i.e. too many associations at once (0x02/0x03/0x02)."""
+    with ctx._lock:
+        stats = ctx._stats.pop(id(event.assoc), None)
+    if stats is None:
+        return  # refused by handle_requested: already logged and audited
+    reason = f"more than node.max_associations ({ctx.settings.node.max_associations}) at once"
+    log.warning(
+        "association refused",
+        extra={"fields": {"calling_ae": stats.calling_ae, "address": stats.address, "reason": reason}},
+    )
+    ctx.audit.record("association_refused", calling_ae=stats.calling_ae, address=stats.address, reason=reason)
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -314,14 +362,24 @@ def build_ae(settings: Settings, transfer_syntaxes: Sequence[str] | None = None)
 
 
 def start_server(ctx: ScpContext):  # -> pynetdicom.transport.ThreadedAssociationServer
-    """Bind the node's address and serve in background threads; returns the server (``shutdown()`` it)."""
+    """Bind the node's address and serve in background threads; returns the server (``shutdown()`` it).
+
+    With ``access.tls`` every connection is TLS or nothing: there is no plain-TCP fallback. Raises
+    :class:`dicomnode.tls.TlsError` when the certificate, key or CA file cannot be used.
+    """
+    tls = ctx.settings.access.tls
+    ssl_context = server_context(tls) if tls is not None else None
     ae = build_ae(ctx.settings)
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        *([(evt.EVT_CONN_OPEN, handle_tls_open, [ctx])] if ssl_context is not None else []),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_REJECTED, handle_rejected, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_CONN_CLOSE, handle_closed, [ctx]),
     ]
     node = ctx.settings.node
-    return ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+    return ae.start_server(
+        (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )

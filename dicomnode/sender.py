@@ -27,6 +27,7 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.jobs import Job, JobQueue, JobState, destination_key
 from dicomnode.scp import set_tcp_nodelay
+from dicomnode.tls import TlsError, client_context
 
 __all__ = ["SendOutcome", "Sender", "send_files", "MAX_REASSOCIATIONS", "DEFAULT_DIMSE_TIMEOUT_S"]
 
@@ -109,6 +110,12 @@ def send_files(
     ae.acse_timeout = acse_timeout_s
     ae.network_timeout = network_timeout_s
     ae.dimse_timeout = dimse_timeout_s or getattr(destination, "dimse_timeout_s", DEFAULT_DIMSE_TIMEOUT_S)
+    tls = getattr(destination, "tls", None)
+    try:
+        # TLS: the destination's certificate must chain to its CA and name its host (SAN IP or DNS).
+        tls_args = (client_context(tls), destination.host) if tls is not None else None
+    except TlsError as exc:
+        return SendOutcome(0, 0, len(paths), str(exc))
     remaining = list(paths)
     sent = refused = 0
     errors: list[str] = []
@@ -118,6 +125,7 @@ def send_files(
             destination.port,
             ae_title=destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+            tls_args=tls_args,
         )
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association failed (no answer or aborted)"

@@ -26,6 +26,7 @@ from dicomnode.jobs import JobQueue
 from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
+from dicomnode.tls import TlsError
 from dicomnode.worker import Enhancers, Worker
 
 __all__ = ["run_node", "Intervals"]
@@ -78,10 +79,6 @@ def run_node(
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
 
-    if settings.access.tls is not None:
-        # Serving in clear text when the site asked for TLS would be worse than not serving.
-        log.error("refusing to start: access.tls is configured but DICOM TLS is not implemented yet")
-        return 2
     root = settings.storage.root
     root.mkdir(parents=True, exist_ok=True)
     db = Database(root / DB_FILENAME)
@@ -126,6 +123,11 @@ def _serve(
     )
     try:
         server = start_server(ctx)
+    except TlsError as exc:
+        # Never fall back to clear text when the site asked for TLS.
+        log.error("refusing to start: access.tls does not load", extra={"fields": {"error": str(exc)}})
+        halt.set()
+        return 2
     except OSError as exc:
         log.error(
             "cannot listen",
@@ -139,6 +141,7 @@ def _serve(
         ae_title=node.ae_title,
         host=node.host,
         port=node.port,
+        tls=settings.access.tls is not None,
         enhancer=info.name,
         enhancer_version=info.version,
         resumed_jobs=resumed,

@@ -104,11 +104,17 @@ def write_config(
 
 
 def echoscu(
-    port: int, *, calling: str = SCANNER_AE, called: str = NODE_AE, timeout: float = 10.0
+    port: int,
+    *,
+    calling: str = SCANNER_AE,
+    called: str = NODE_AE,
+    extra: Sequence[str] = (),
+    timeout: float = 10.0,
 ) -> subprocess.CompletedProcess:
+    """C-ECHO with DCMTK echoscu; ``extra`` are more options (e.g. ``+tls KEY CERT +cf CA``)."""
     exe = require_tool("/usr/bin/echoscu")
     return subprocess.run(
-        [exe, "-aet", calling, "-aec", called, "-to", "5", "-ta", "5", "127.0.0.1", str(port)],
+        [exe, "-aet", calling, "-aec", called, "-to", "5", "-ta", "5", *extra, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -154,11 +160,14 @@ class NodeProcess:
     down, so a kill can land while a job runs); production code has no such hook.
     """
 
-    def __init__(self, config: Path, *, preamble: str | None = None) -> None:
+    def __init__(
+        self, config: Path, *, preamble: str | None = None, echo_extra: Sequence[str] = ()
+    ) -> None:
         self.config = Path(config)
         self.directory = self.config.parent
         self.output = self.directory / "node.out"
         self.preamble = preamble
+        self.echo_extra = tuple(echo_extra)  # e.g. the TLS options when the node serves TLS only
         settings = yaml.safe_load(self.config.read_text())
         self.port = int(settings["node"]["port"])
         self.db_path = Path(settings["storage"]["root"]) / "node.sqlite3"
@@ -190,7 +199,7 @@ class NodeProcess:
     def _answers_echo(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"the node exited with {self.process.returncode}:\n{self.log()}")
-        return echoscu(self.port, calling=self.echo_ae).returncode == 0
+        return echoscu(self.port, calling=self.echo_ae, extra=self.echo_extra).returncode == 0
 
     def log(self) -> str:
         return self.output.read_text() if self.output.exists() else ""
