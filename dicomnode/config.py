@@ -173,6 +173,10 @@ class DestinationSettings(_Section):
 class OutputSettings(_Section):
     series_description_suffix: str = " uPETe"
     series_number_offset: int = Field(1000, ge=1)
+    # A PNG beside each finished job's outputs (LPET, enhanced, CT; dicomnode/preview.py).
+    preview: bool = True
+    # Also send that preview to the destinations as a Secondary Capture series of the same study.
+    preview_secondary_capture: bool = False
 
 
 class ModelSettings(_Section):
@@ -188,15 +192,36 @@ class ModelSettings(_Section):
     seed: int = 0
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 class LoggingSettings(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: LogLevel = "INFO"
     format: Literal["keyvalue", "json"] = "keyvalue"
     audit_file: Path | None = Path("./var/upete/audit.log")
+    # Per-logger levels over ``level``, e.g. {upete.scp: DEBUG, upete.worker: WARNING}.
+    levels: Annotated[dict[str, LogLevel], Field(strict=False)] = {}
 
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _levels(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        levels = {}
+        for name, level in value.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"logger name {name!r} must be a non-empty string")
+            level = level.upper() if isinstance(level, str) else level
+            # pynetdicom at DEBUG logs every dataset it receives, patient names and IDs included.
+            if name.strip().split(".")[0] == "pynetdicom" and level == "DEBUG":
+                raise ValueError("pynetdicom at DEBUG logs dataset contents (patient data); use INFO at most")
+            levels[name.strip()] = level
+        return levels
 
     @field_validator("audit_file", mode="before")
     @classmethod
@@ -208,6 +233,16 @@ class LoggingSettings(_Section):
         return Path(value)
 
 
+class MetricsSettings(_Section):
+    # Prometheus /metrics and /healthz over HTTP (dicomnode/metrics.py). Loopback by default: the
+    # endpoint has no authentication. Port 0 = any free port (written to the heartbeat file).
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+    _host = field_validator("host")(NodeSettings._host.__func__)
+
+
 class Settings(_Section):
     node: NodeSettings = NodeSettings()
     access: AccessSettings = AccessSettings()
@@ -217,6 +252,7 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     model: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @model_validator(mode="after")
     def _resolve_checkpoints(self) -> Settings:

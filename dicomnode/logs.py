@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 
 
 class _Base(logging.Formatter):
@@ -43,8 +44,28 @@ class JsonFormatter(_Base):
         return json.dumps(self._fields(record), default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "keyvalue") -> None:
-    """Configure the root logger once for a process (idempotent)."""
+#: Logger names whose level :func:`setup_logging` set (so a later call can undo them).
+_configured: set[str] = set()
+
+#: Loggers quieter than the root level unless ``logging.levels`` names them.
+_QUIET = {
+    # pynetdicom logs every PDU at INFO (and dataset contents at DEBUG, which may hold PHI).
+    "pynetdicom": "WARNING",
+    # matplotlib (job previews) reports font cache and backend choices at INFO/DEBUG.
+    "matplotlib": "WARNING",
+    "PIL": "WARNING",
+}
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "keyvalue", levels: Mapping[str, str] | None = None
+) -> None:
+    """Configure the root logger once for a process (idempotent).
+
+    ``levels`` maps logger names to levels over the root ``level`` (``logging.levels`` in the config,
+    e.g. ``{"upete.scp": "DEBUG"}``); a name covers its children (``upete`` covers ``upete.scp``).
+    A logger named by an earlier call and not by this one goes back to following the root.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
@@ -52,5 +73,10 @@ def setup_logging(level: str = "INFO", fmt: str = "keyvalue") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO (and dataset contents at DEBUG, which may hold PHI).
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    wanted = {**_QUIET, **dict(levels or {})}
+    for name in _configured - set(wanted):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for name, name_level in wanted.items():
+        logging.getLogger(name).setLevel(name_level)
+    _configured.clear()
+    _configured.update(wanted)

@@ -49,6 +49,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from dicomnode import metrics
 from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, Settings
 from dicomnode.store import InstanceStore, OutOfResources, PutResult
@@ -205,6 +206,7 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
     if reason is None:
         with ctx._lock:
             ctx._stats[id(event.assoc)] = _AssociationStats(calling_ae=calling, address=address)
+        metrics.association("accepted")
         return
     diagnostic = (
         _RJ_CALLED_AE_NOT_RECOGNISED if reason.startswith("called") else _RJ_CALLING_AE_NOT_RECOGNISED
@@ -213,6 +215,7 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
         "association refused",
         extra={"fields": {"calling_ae": calling, "called_ae": called, "address": address, "reason": reason}},
     )
+    metrics.association("rejected", "called_ae_title" if reason.startswith("called") else "calling_ae_title")
     ctx.audit.record(
         "association_refused", calling_ae=calling, called_ae=called, address=address, reason=reason
     )
@@ -257,6 +260,7 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
         status = PROCESSING_FAILURE
     if status != SUCCESS and stats is not None:
         stats.refused += 1
+    metrics.instance_answered(status)
     return status
 
 

@@ -23,6 +23,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, evt
 
+from dicomnode import metrics
 from dicomnode.audit import AuditLog
 from dicomnode.config import DestinationSettings, Settings
 from dicomnode.jobs import Job, JobQueue, JobState, destination_key
@@ -152,6 +153,7 @@ def send_files(
         if not unacknowledged:
             break
         remaining = unacknowledged
+        metrics.send_reassociation()
         log.warning(
             "resending unacknowledged instances",
             extra={
@@ -232,6 +234,10 @@ class Sender:
                 error=outcome.error,
                 max_retries=destination.max_retries,
                 backoff_s=destination.retry_backoff_s,
+            )
+            metrics.send_attempt(
+                "ok" if outcome.ok else "retry" if recorded.state == "pending" else "failed",
+                time.monotonic() - started,
             )
             self.audit.record(
                 "send",

@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicomnode import metrics
 from dicomnode.assembler import Assembler, CtPolicy
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.derived import is_derived_by_us
+from dicomnode.health import NodeMonitor, scp_alive
 from dicomnode.jobs import JobQueue
 from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
@@ -97,11 +99,13 @@ def _serve(
     stale = store.remove_stale_temp_files()
     jobs = JobQueue(db, audit)
     resumed = jobs.recover()
+    loading = time.perf_counter()
     try:
         enhancers = Enhancers.load(settings)
     except (ValueError, OSError, NotImplementedError, RuntimeError) as exc:
         log.error("refusing to start: the model does not load", extra={"fields": {"error": str(exc)}})
         return 2
+    metrics.model_loaded(time.perf_counter() - loading)
     info = enhancers.main.info
     policy = CtPolicy(
         uses_ct=info.uses_ct,
@@ -160,9 +164,14 @@ def _serve(
             }
         },
     )
+    # Heartbeat file, /metrics and /healthz: what `upete status` and monitoring see of this process.
+    def alive() -> dict[str, bool]:
+        return {"scp": scp_alive(server), **{t.name.removeprefix("upete-"): t.is_alive() for t in threads}}
+
+    monitor = NodeMonitor(settings, db, alive=alive)
     try:
         while not stop.wait(0.5):
-            pass
+            monitor.tick()
     finally:
         server.shutdown()  # no new associations
         halt.set()
@@ -176,6 +185,7 @@ def _serve(
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         unfinished = [t.name for t in threads if t.is_alive()]
+        monitor.close()
         audit.record("node_stopped", unfinished_threads=",".join(unfinished) or "none")
         log.info("stopped", extra={"fields": {"unfinished_threads": ",".join(unfinished) or "none"}})
     return 0

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from dicomnode import metrics
 from dicomnode.config import Settings, resolve_checkpoint
 from dicomnode.derived import DerivedPlan, plan_derived
 from dicomnode.jobs import Job, JobQueue
 from dicomnode.pipeline import enhance_series
+from dicomnode.preview import write_job_preview
 from dicomnode.store import InstanceStore, fsync_dir
 from dicomnode.volume import VolumeError
 from model.enhance import Enhancer, load_enhancer
@@ -153,14 +155,19 @@ class Worker:
         result = enhance_series(
             pet_paths, ct_paths, enhancer, out_dir, output=self.settings.output, plan=plan, progress=progress
         )
-        for path in result.paths:
+        # The PNG (and, if configured, a Secondary Capture to send along); never fails the job.
+        extra = write_job_preview(
+            out_dir, pet_paths, ct_paths, result.paths, output=self.settings.output, job_id=job.id
+        )
+        for path in result.paths + extra:
             _fsync_file(path)
         fsync_dir(out_dir)
         fsync_dir(self.outputs_dir)
+        metrics.observe_stages(result.seconds_by_stage)
         self.jobs.processed(
             job.id,
             output_dir=str(out_dir.relative_to(self.store.root)),
-            output_count=len(result.paths),
+            output_count=len(result.paths) + len(extra),
             stage_seconds={k: round(v, 3) for k, v in result.seconds_by_stage.items()},
             destinations=self.destinations,
         )

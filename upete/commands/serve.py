@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_config(args, action="refusing to start")
     if settings is None:
         return EXIT_USAGE
-    setup_logging(settings.logging.level, settings.logging.format)
+    setup_logging(settings.logging.level, settings.logging.format, settings.logging.levels)
     from dicomnode.service import run_node
 
     return run_node(settings)
