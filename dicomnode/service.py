@@ -29,6 +29,7 @@ from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
 from dicomnode.tls import TlsError
+from dicomnode.tls import TlsError
 from dicomnode.worker import Enhancers, Worker
 
 __all__ = ["run_node", "Intervals"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +40,21 @@ PET = PositronEmissionTomographyImageStorage
 class Server:
     """The node's SCP (no worker threads) on a free loopback port."""
 
-    def __init__(self, tmp: Path, *, min_free_mb: int = 0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        min_free_mb: int = 0,
+        node: dict | None = None,
+        allowed_callers: list[dict] | None = None,
+    ) -> None:
         self.port = free_port()
+        if allowed_callers is None:
+            allowed_callers = [{"ae_title": "SCANNER", "host": "127.0.0.1"}]
         self.settings = parse_settings(
             {
-                "node": {"ae_title": "UPETE", "port": self.port},
-                "access": {"allowed_callers": [{"ae_title": "SCANNER", "host": "127.0.0.1"}]},
+                "node": {"ae_title": "UPETE", "port": self.port, **(node or {})},
+                "access": {"allowed_callers": allowed_callers},
                 "storage": {"root": str(tmp / "spool"), "min_free_mb": min_free_mb},
             }
         )
@@ -58,13 +69,22 @@ class Server:
         )
         self.server = start_server(self.ctx)
 
-    def associate(self, contexts: list[tuple[str, list[str]]], *, calling: str = "SCANNER"):
+    def associate(
+        self,
+        contexts: list[tuple[str, list[str]]],
+        *,
+        calling: str = "SCANNER",
+        called: str = "UPETE",
+        source: str = "127.0.0.1",
+        established: bool = True,
+    ):
+        """An association from ``calling``@``source``; asserts it is established (or not)."""
         ae = AE(ae_title=calling)
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="UPETE")
-        assert assoc.is_established
+        assoc = ae.associate("127.0.0.1", self.port, ae_title=called, bind_address=(source, 0))
+        assert assoc.is_established == established
         return assoc
 
     def shutdown(self) -> None:
@@ -270,3 +290,112 @@ def test_an_empty_allow_list_accepts_any_caller_but_still_checks_the_called_titl
     assert check_caller("ANYONE", "NOTUS", "127.0.0.1", access=access, our_ae="UPETE") is not None
     unchecked = AccessSettings(check_called_ae_title=False)
     assert check_caller("ANYONE", "NOTUS", "127.0.0.1", access=unchecked, our_ae="UPETE") is None
+
+
+ECHO = [(Verification, [ImplicitVRLittleEndian])]
+
+
+def _rejection(assoc) -> tuple[int, int, int]:
+    rsp = assoc.acceptor.primitive
+    return rsp.result, rsp.result_source, rsp.diagnostic
+
+
+@pytest.mark.parametrize(
+    ("calling", "called", "source", "diagnostic", "reason"),
+    [
+        ("NOBODY", "UPETE", "127.0.0.1", 0x03, "not in access.allowed_callers"),
+        ("SCANNER", "OTHER", "127.0.0.1", 0x07, "called AE title 'OTHER' is not ours"),
+        ("SCANNER", "UPETE", "127.0.0.2", 0x03, "not allowed from 127.0.0.2"),
+        ("SITE", "UPETE", "127.0.0.5", 0x03, "not allowed from 127.0.0.5"),
+    ],
+)
+def test_refused_callers_get_a_permanent_rejection_and_an_audit_line(
+    tmp_path: Path, calling: str, called: str, source: str, diagnostic: int, reason: str
+) -> None:
+    # 127.0.0.0/8 is loopback on Linux: binding the SCU to 127.0.0.2 gives the node a second host.
+    srv = Server(
+        tmp_path,
+        allowed_callers=[
+            {"ae_title": "SCANNER", "host": "127.0.0.1"},
+            {"ae_title": "SITE", "host": "127.0.0.0/30"},
+        ],
+    )
+    try:
+        assoc = srv.associate(ECHO, calling=calling, called=called, source=source, established=False)
+        assert assoc.is_rejected
+        assert _rejection(assoc) == (0x01, 0x01, diagnostic)  # permanent, service user (PS3.8 9.3.4)
+        text = wait_for(
+            lambda: "event=association_refused" in srv.audit.path.read_text() and srv.audit.path.read_text(),
+            timeout=10,
+            what="the association_refused line",
+        )
+        assert f"address={source}" in text and reason in text
+        # The allowed ones still get in: the same network rule from inside it.
+        ok = srv.associate(ECHO, calling="SITE", source="127.0.0.3")
+        ok.release()
+    finally:
+        srv.close()
+
+
+def test_associations_beyond_max_associations_are_rejected_transiently(tmp_path: Path) -> None:
+    srv = Server(tmp_path, node={"max_associations": 2})
+    held = []
+    try:
+        held = [srv.associate(ECHO), srv.associate(ECHO)]
+        extra = srv.associate(ECHO, established=False)
+        assert extra.is_rejected
+        # rejected-transient, service provider (presentation), local-limit-exceeded (PS3.8 9.3.4)
+        assert _rejection(extra) == (0x02, 0x03, 0x02)
+        assert all(a.is_established for a in held) and held[0].send_c_echo().Status == 0
+        held.pop().release()
+        # One slot free again: the next caller gets in (the count is of live associations).
+        wait_for(lambda: len(srv.server.active_associations) < 2, timeout=10, what="the release")
+        again = srv.associate(ECHO)
+        again.release()
+        text = srv.audit.path.read_text()
+        assert "more than node.max_associations (2) at once" in text
+    finally:
+        for assoc in held:
+            assoc.release()
+        srv.close()
+
+
+def test_a_connection_without_an_association_request_is_closed_after_acse_timeout(tmp_path: Path) -> None:
+    srv = Server(tmp_path, node={"acse_timeout_s": 1.0})
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=20) as sock:
+            started = time.monotonic()
+            assert sock.recv(1) == b""  # closed by the node, not by our own timeout
+            assert 0.8 < time.monotonic() - started < 8.0
+    finally:
+        srv.close()
+
+
+def test_an_idle_association_is_aborted_after_network_timeout(tmp_path: Path) -> None:
+    srv = Server(tmp_path, node={"network_timeout_s": 1.5})
+    try:
+        assoc = srv.associate(ECHO)
+        started = time.monotonic()
+        wait_for(lambda: assoc.is_aborted, timeout=15, what="the node to abort the idle association")
+        assert 1.2 < time.monotonic() - started < 10.0
+    finally:
+        srv.close()
+
+
+def test_a_message_stalled_halfway_is_aborted_after_network_timeout(tmp_path: Path) -> None:
+    # A Storage SCP never waits for a DIMSE response, so its dimse_timeout bounds nothing; what
+    # closes a peer that stops in the middle of a C-STORE is the idle (network) timeout.
+    srv = Server(tmp_path, node={"network_timeout_s": 1.5, "dimse_timeout_s": 600})
+    try:
+        assoc = srv.associate([(PET, [ExplicitVRLittleEndian])])
+        context_id = assoc.accepted_contexts[0].context_id
+        # P-DATA-TF with the first fragment of a command set, "last fragment" bit clear (PS3.8 9.3.5,
+        # E.2): the node now waits for the rest of the message, which never comes.
+        pdv = bytes([context_id, 0x01]) + b"\x00" * 12
+        pdu = b"\x04\x00" + struct.pack(">L", 4 + len(pdv)) + struct.pack(">L", len(pdv)) + pdv
+        assoc.dul.socket.send(pdu)
+        started = time.monotonic()
+        wait_for(lambda: assoc.is_aborted, timeout=15, what="the node to abort the stalled association")
+        assert 1.2 < time.monotonic() - started < 10.0
+    finally:
+        srv.close()
