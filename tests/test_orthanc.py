@@ -1,10 +1,11 @@
 """Orthanc as the PACS: a Lua OnStableStudy rule routes the study to the node, the derived series comes
 back into Orthanc (checked through its REST API), and it is not routed to the node again.
 
-Orthanc is started by the test with its own config on unusual loopback ports (it listens on every
-interface and has no bind option, so remote access is off and the ports are ephemeral ones).
-Two rules: one with a loop guard (skip our output, route each series once) as a site should write it,
-and the naive "route every stable study" rule, which the node itself must survive (DESIGN.md §6).
+Orthanc runs the shipped recipe (config/orthanc/orthanc.json and its Lua rules), with only the ports,
+directories and the rule's path substituted (it listens on every interface and has no bind option,
+so remote access is off and the ports are ephemeral ones). Two rules: route-to-upete.lua with the loop
+guard (skip our output, route each series once) as a site should use it, and route-everything.lua,
+the naive "route every stable study" rule, which the node itself must survive (DESIGN.md §6).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.dicomutil import make_study
 from tests.nodeutil import NodeProcess, db_rows, free_port, peer_env, storescu, wait_for, write_config
 
@@ -26,56 +28,29 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 ORTHANC = "/usr/sbin/Orthanc"
 
-GUARDED_RULE = """
--- Route each series of a stable study once; never the node's own output (Manufacturer "uPETe node").
-routed = {}
-function OnStableStudy(studyId, tags, metadata)
-  print('upete-rule ran')
-  local ids = {}
-  for _, series in ipairs(ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))) do
-    local manufacturer = series['MainDicomTags']['Manufacturer'] or ''
-    if manufacturer ~= 'uPETe node' and not routed[series['ID']] then
-      routed[series['ID']] = true
-      table.insert(ids, '"' .. series['ID'] .. '"')
-    end
-  end
-  if #ids > 0 then
-    local body = '{"Resources":[' .. table.concat(ids, ',') .. '],"Synchronous":true}'
-    RestApiPost('/modalities/upete/store', body)
-  end
-end
-"""
-
-NAIVE_RULE = """
--- Route every stable study, whatever it holds.
-function OnStableStudy(studyId, tags, metadata)
-  print('upete-rule ran')
-  RestApiPost('/modalities/upete/store', '{"Resources":["' .. studyId .. '"],"Synchronous":true}')
-end
-"""
+RECIPE = ROOT / "config" / "orthanc"
+#: The shipped rules (docs/PACS.md): the guarded one a site should use, and the naive one.
+RULES = {"guarded": RECIPE / "route-to-upete.lua", "naive": RECIPE / "route-everything.lua"}
 
 
 class Orthanc:
-    def __init__(self, directory: Path, *, node_port: int, rule: str) -> None:
+    def __init__(self, directory: Path, *, node_port: int, rule: Path) -> None:
         self.directory = directory
         self.http_port, self.dicom_port = free_port(), free_port()
-        (directory / "route.lua").write_text(rule)
-        config = {
-            "Name": "uPETe test PACS",
-            "StorageDirectory": str(directory / "storage"),
-            "IndexDirectory": str(directory / "storage"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "StableAge": 2,
-            "Plugins": [],
-            "LuaScripts": [str(directory / "route.lua")],
-            "DicomModalities": {"upete": ["UPETE", "127.0.0.1", node_port]},
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-        }
+        # The shipped config, with only what a test must change: ports, directories, the rule's path.
+        config = json.loads((RECIPE / "orthanc.json").read_text())
+        assert config["RemoteAccessAllowed"] is False  # the recipe never opens the REST API to the network
+        config.update(
+            {
+                "StorageDirectory": str(directory / "storage"),
+                "IndexDirectory": str(directory / "storage"),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "StableAge": 2,
+                "LuaScripts": [str(rule)],
+            }
+        )
+        config["DicomModalities"]["upete"][2] = node_port
         (directory / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.process: subprocess.Popen | None = None
 
@@ -130,7 +105,7 @@ def _node_instances_from(db: Path, series_uid: str) -> int:
 def test_orthanc_routes_the_study_and_gets_the_derived_series_back(tmp_path: Path, rule: str) -> None:
     study = make_study(tmp_path / "in", shuffle_seed=2)
     node_port = free_port()
-    orthanc = Orthanc(tmp_path, node_port=node_port, rule=GUARDED_RULE if rule == "guarded" else NAIVE_RULE)
+    orthanc = Orthanc(tmp_path, node_port=node_port, rule=RULES[rule])
     config = write_config(
         tmp_path,
         port=node_port,
