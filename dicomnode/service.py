@@ -30,6 +30,7 @@ from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
 from dicomnode.tls import TlsError
 from dicomnode.tls import TlsError
+from dicomnode.tls import TlsError
 from dicomnode.worker import Enhancers, Worker
 
 __all__ = ["run_node", "Intervals"]
