@@ -54,8 +54,6 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, Settings
 from dicomnode.store import InstanceStore, OutOfResources, PutResult
 from dicomnode.tls import handshake, peer_subject, server_context
-from dicomnode.tls import handshake, peer_subject, server_context
-from dicomnode.tls import handshake, peer_subject, server_context
 from dicomnode.validate import (
     CANNOT_DECODE,
     OUT_OF_RESOURCES,
@@ -72,8 +70,6 @@ __all__ = [
     "build_ae",
     "check_caller",
     "handle_store",
-    "handle_tls_open",
-    "handle_tls_open",
     "handle_tls_open",
     "set_tcp_nodelay",
     "start_server",
@@ -193,56 +189,6 @@ def handle_tls_open(event: evt.Event, ctx: ScpContext) -> None:
     )
 
 
-def handle_tls_open(event: evt.Event, ctx: ScpContext) -> None:
-    """EVT_CONN_OPEN with TLS: finish the deferred handshake in this connection's thread, bounded by
-    the ACSE timeout; on failure close the socket, so the DUL sees a closed transport and not one
-    byte of DICOM is read from an unauthenticated peer."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if not isinstance(sock, ssl.SSLSocket):
-        return
-    address = str(event.address[0])
-    try:
-        handshake(sock, timeout_s=ctx.settings.node.acse_timeout_s)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.warning("TLS handshake failed", extra={"fields": {"address": address, "reason": reason}})
-        ctx.audit.record("tls_refused", address=address, reason=reason)
-        try:
-            sock.close()
-        except OSError:
-            pass
-        return
-    log.debug(
-        "TLS established",
-        extra={"fields": {"address": address, "version": sock.version(), "peer": peer_subject(sock)}},
-    )
-
-
-def handle_tls_open(event: evt.Event, ctx: ScpContext) -> None:
-    """EVT_CONN_OPEN with TLS: finish the deferred handshake in this connection's thread, bounded by
-    the ACSE timeout; on failure close the socket, so the DUL sees a closed transport and not one
-    byte of DICOM is read from an unauthenticated peer."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if not isinstance(sock, ssl.SSLSocket):
-        return
-    address = str(event.address[0])
-    try:
-        handshake(sock, timeout_s=ctx.settings.node.acse_timeout_s)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.warning("TLS handshake failed", extra={"fields": {"address": address, "reason": reason}})
-        ctx.audit.record("tls_refused", address=address, reason=reason)
-        try:
-            sock.close()
-        except OSError:
-            pass
-        return
-    log.debug(
-        "TLS established",
-        extra={"fields": {"address": address, "version": sock.version(), "peer": peer_subject(sock)}},
-    )
-
-
 def _peer(event: evt.Event) -> tuple[str, str, str]:
     requestor = event.assoc.requestor
     primitive = requestor.primitive
@@ -278,34 +224,6 @@ def handle_requested(event: evt.Event, ctx: ScpContext) -> None:
     # set by send_reject, makes pynetdicom skip the negotiation.
     event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_SERVICE_USER, diagnostic)
     event.assoc.kill()
-
-
-def handle_rejected(event: evt.Event, ctx: ScpContext) -> None:
-    """EVT_REJECTED: pynetdicom's own refusals, i.e. too many associations at once (0x02/0x03/0x02)."""
-    with ctx._lock:
-        stats = ctx._stats.pop(id(event.assoc), None)
-    if stats is None:
-        return  # refused by handle_requested: already logged and audited
-    reason = f"more than node.max_associations ({ctx.settings.node.max_associations}) at once"
-    log.warning(
-        "association refused",
-        extra={"fields": {"calling_ae": stats.calling_ae, "address": stats.address, "reason": reason}},
-    )
-    ctx.audit.record("association_refused", calling_ae=stats.calling_ae, address=stats.address, reason=reason)
-
-
-def handle_rejected(event: evt.Event, ctx: ScpContext) -> None:
-    """EVT_REJECTED: pynetdicom's own refusals, i.e. too many associations at once (0x02/0x03/0x02)."""
-    with ctx._lock:
-        stats = ctx._stats.pop(id(event.assoc), None)
-    if stats is None:
-        return  # refused by handle_requested: already logged and audited
-    reason = f"more than node.max_associations ({ctx.settings.node.max_associations}) at once"
-    log.warning(
-        "association refused",
-        extra={"fields": {"calling_ae": stats.calling_ae, "address": stats.address, "reason": reason}},
-    )
-    ctx.audit.record("association_refused", calling_ae=stats.calling_ae, address=stats.address, reason=reason)
 
 
 def handle_rejected(event: evt.Event, ctx: ScpContext) -> None:

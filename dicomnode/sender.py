@@ -29,8 +29,6 @@ from dicomnode.config import DestinationSettings, Settings
 from dicomnode.jobs import Job, JobQueue, JobState, destination_key
 from dicomnode.scp import set_tcp_nodelay
 from dicomnode.tls import TlsError, client_context
-from dicomnode.tls import TlsError, client_context
-from dicomnode.tls import TlsError, client_context
 
 __all__ = ["SendOutcome", "Sender", "send_files", "MAX_REASSOCIATIONS", "DEFAULT_DIMSE_TIMEOUT_S"]
 

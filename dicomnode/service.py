@@ -29,8 +29,6 @@ from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
 from dicomnode.tls import TlsError
-from dicomnode.tls import TlsError
-from dicomnode.tls import TlsError
 from dicomnode.worker import Enhancers, Worker
 
 __all__ = ["run_node", "Intervals"]

@@ -168,8 +168,6 @@ class NodeProcess:
         self.output = self.directory / "node.out"
         self.preamble = preamble
         self.echo_extra = tuple(echo_extra)  # e.g. the TLS options when the node serves TLS only
-        self.echo_extra = tuple(echo_extra)  # e.g. the TLS options when the node serves TLS only
-        self.echo_extra = tuple(echo_extra)  # e.g. the TLS options when the node serves TLS only
         settings = yaml.safe_load(self.config.read_text())
         self.port = int(settings["node"]["port"])
         self.db_path = Path(settings["storage"]["root"]) / "node.sqlite3"
