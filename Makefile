@@ -22,15 +22,17 @@ serve: $(STAMP)
 	$(VENV)/bin/upete serve --config $(CONFIG)
 
 # The real DICOM peers the tests talk to: DCMTK and Orthanc from Debian; dciodvfy comes with the
-# `dicom3tools` package in the venv (test extra).
+# `dicom3tools` package in the venv (test extra); systemd-analyze (package systemd) verifies the unit;
+# openssl makes the TLS tests' certificates.
 peers:
-	@if [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] && [ -x /usr/bin/echoscu ] && [ -x /usr/sbin/Orthanc ]; then \
-		echo "peers: DCMTK and Orthanc present"; \
+	@if [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ] && [ -x /usr/bin/echoscu ] && [ -x /usr/sbin/Orthanc ] \
+		&& [ -x /usr/bin/systemd-analyze ] && [ -x /usr/bin/openssl ]; then \
+		echo "peers: DCMTK, Orthanc, systemd-analyze and openssl present"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dcmtk orthanc; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dcmtk orthanc systemd openssl; \
 	else \
-		echo "DCMTK and Orthanc are missing. Install them, then run make test again:"; \
-		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends dcmtk orthanc"; \
+		echo "DCMTK, Orthanc, systemd-analyze or openssl are missing. Install them, then run make test again:"; \
+		echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends dcmtk orthanc systemd openssl"; \
 		exit 1; \
 	fi
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicomnode import metrics
+from dicomnode import metrics, sdnotify
 from dicomnode.assembler import Assembler, CtPolicy
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
@@ -169,10 +169,13 @@ def _serve(
         return {"scp": scp_alive(server), **{t.name.removeprefix("upete-"): t.is_alive() for t in threads}}
 
     monitor = NodeMonitor(settings, db, alive=alive)
+    # systemd (Type=notify) calls the unit started only now: the SCP accepts associations.
+    sdnotify.ready(f"listening on {node.host}:{node.port} as {node.ae_title}")
     try:
         while not stop.wait(0.5):
             monitor.tick()
     finally:
+        sdnotify.stopping("stopping: finishing associations and jobs under way")
         server.shutdown()  # no new associations
         halt.set()
         deadline = time.monotonic() + intervals.stop_grace_s
