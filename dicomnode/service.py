@@ -25,6 +25,7 @@ from dicomnode.db import DB_FILENAME, Database
 from dicomnode.derived import is_derived_by_us
 from dicomnode.health import NodeMonitor, scp_alive
 from dicomnode.jobs import JobQueue
+from dicomnode.retention import Retention
 from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
@@ -44,6 +45,8 @@ class Intervals:
     worker_s: float = 0.2
     sender_s: float = 0.2
     stop_grace_s: float = 10.0
+    # Retention sweeps: one at start, then one per interval (dicomnode/retention.py).
+    retention_s: float = 3600.0
 
 
 def _loop(
@@ -116,11 +119,19 @@ def _serve(
     worker = Worker(jobs, store, enhancers, settings, destinations=sender.destination_keys())
     assembler = Assembler(db, jobs, audit, settings=settings.assembly, policy=policy)
 
+    retention = Retention(
+        db,
+        settings.storage.root,
+        audit,
+        retention_days=settings.storage.retention_days,
+        interval_s=intervals.retention_s,
+    )
     halt = threading.Event()
     threads = [
         _loop("assembler", lambda: assembler.poll() and True, intervals.assembler_s, halt),
         _loop("worker", worker.run_once, intervals.worker_s, halt),
         _loop("sender", sender.run_once, intervals.sender_s, halt),
+        _loop("retention", retention.run_once, min(60.0, intervals.retention_s), halt),
     ]
     ctx = ScpContext(
         settings, store, audit, is_our_series=jobs.is_our_series, is_derived_by_us=is_derived_by_us
