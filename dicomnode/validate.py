@@ -12,20 +12,37 @@ DIMSE status to answer and the attribute at fault. Statuses (PS3.4 Annex B.2.3, 
 
 UIDs are checked for syntax too (digits and dots, at most 64 characters): they become file names in
 the spool, so nothing else may pass.
+
+Every element is read once at receive time (:func:`_check_elements`), not only those the node needs:
+pydicom parses lazily, so a value that does not parse (``InstanceNumber = "abc"``, a US element of
+three bytes) or a sequence nested thousands deep would otherwise be acknowledged and only fail, or
+exhaust the stack, later in a job the sender never hears of. Numeric strings (DS, IS) must be finite
+numbers; nesting and the number of elements are bounded.
+
+:func:`read_received` reads a received file with PixelData left on disk (its length is checked
+against Rows × Columns × BitsAllocated and against the file's size), so an instance's pixels are
+never held in memory to be validated unless they are compressed and must be decoded.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
 
 __all__ = [
     "Refusal",
     "InstanceMeta",
+    "read_received",
     "validate_instance",
     "SUPPORTED_SOP_CLASSES",
     "SUCCESS",
@@ -53,6 +70,18 @@ SUPPORTED_SOP_CLASSES: dict[str, str] = {
 }
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Bounds of what a PET or CT image header may hold. Real headers nest sequences 2-5 deep (Siemens,
+# GE and Philips private ones included) and hold a few hundred elements; these bounds are far above
+# that and far below what makes parsing slow or recursive readers overflow.
+MAX_SEQUENCE_DEPTH = 16
+MAX_ELEMENTS = 100_000
+# Values above this size are left on disk when a received file is read (in practice: PixelData).
+_DEFER_BYTES = 64 * 1024
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+# Binary VRs: opaque bytes, nothing to parse (and reading them would load deferred pixels). Not UN:
+# pydicom converts a UN element of a known tag to the tag's own VR, which can fail like any other.
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "OB or OW", "US or OW"}
 
 
 class Refusal(Exception):
@@ -140,6 +169,57 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(ds[keyword].value).strip()
 
 
+def _attribute(tag: Tag) -> str:
+    """The keyword of a tag, or its (gggg,eeee) form for private and unknown ones (log-safe: no value)."""
+    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
+
+
+def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
+    """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
+
+    Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them.
+    """
+    seen = seen if seen is not None else [0]
+    for tag in list(ds.keys()):
+        seen[0] += 1
+        if seen[0] > MAX_ELEMENTS:
+            raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
+        raw = ds.get_item(tag, keep_deferred=True)
+        if tag == _PIXEL_DATA:
+            if raw is not None and raw.VR not in ("OB", "OW", "OB or OW"):
+                raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {raw.VR}, not OB or OW")
+            continue
+        if raw is not None and raw.VR in _BINARY_VRS:
+            continue
+        try:
+            element = ds[tag]
+            value = element.value
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot read
+            raise Refusal(
+                CANNOT_UNDERSTAND, _attribute(tag), f"value does not parse ({type(exc).__name__})"
+            ) from None
+        if element.VR == "SQ":
+            if depth + 1 > MAX_SEQUENCE_DEPTH:
+                raise Refusal(
+                    CANNOT_UNDERSTAND, _attribute(tag), f"sequences nested deeper than {MAX_SEQUENCE_DEPTH}"
+                )
+            for item in value:
+                _check_elements(item, depth=depth + 1, seen=seen)
+        elif element.VR in ("DS", "IS") and value not in (None, ""):
+            items = (
+                value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            )
+            for item in items:
+                # pydicom keeps an invalid DS/IS as its text (with a warning); "nan"/"inf" parse as floats
+                # but are not decimal strings (PS3.5 6.2).
+                try:
+                    number = float(str(item).strip())
+                except ValueError:
+                    raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a number") from None
+                if not math.isfinite(number):
+                    raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a finite number")
+
+
 def _check_geometry(ds: Dataset) -> tuple[tuple[float, float, float], tuple[float, ...], tuple[float, float]]:
     position = _numbers(ds, "ImagePositionPatient", 3)
     orientation = _numbers(ds, "ImageOrientationPatient", 6)
@@ -182,7 +262,8 @@ def _check_pixels(ds: Dataset) -> tuple[int, int]:
         raise Refusal(
             DATASET_MISMATCH, "NumberOfFrames", f"single-frame images expected, found {frames} frames"
         )
-    if "PixelData" not in ds or ds["PixelData"].value in (None, b""):
+    found = _pixel_data_length(ds)
+    if found == 0:
         raise Refusal(DATASET_MISMATCH, "PixelData", "missing or empty")
     transfer_syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else None
     if transfer_syntax is not None and transfer_syntax.is_encapsulated:
@@ -200,7 +281,6 @@ def _check_pixels(ds: Dataset) -> tuple[int, int]:
             )
         return rows, cols
     expected = rows * cols * bits_allocated // 8
-    found = len(ds["PixelData"].value)
     # Odd lengths are padded to even (PS3.5 7.1.1).
     if found not in (expected, expected + expected % 2):
         raise Refusal(
@@ -210,6 +290,53 @@ def _check_pixels(ds: Dataset) -> tuple[int, int]:
             f"need {expected}",
         )
     return rows, cols
+
+
+def _pixel_data_length(ds: Dataset) -> int:
+    """Bytes of PixelData (0 when absent), without loading a value :func:`read_received` left on disk.
+
+    A deferred value must end within the file: a length that runs past the end is a truncated file.
+    """
+    if _PIXEL_DATA not in ds:
+        return 0
+    raw = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(raw, RawDataElement) and raw.value is None and raw.length not in (0, 0xFFFFFFFF):
+        filename = getattr(ds, "filename", None)
+        if isinstance(filename, (str, os.PathLike)):
+            if raw.value_tell + raw.length > os.path.getsize(filename):
+                raise Refusal(
+                    DATASET_MISMATCH,
+                    "PixelData",
+                    f"announces {raw.length} bytes but the data set ends before",
+                )
+        return int(raw.length)
+    value = ds[_PIXEL_DATA].value
+    if value is not None and not isinstance(value, bytes):
+        raise Refusal(DATASET_MISMATCH, "PixelData", "is not a byte string")
+    return len(value) if value else 0
+
+
+def read_received(path: str | os.PathLike[str]) -> Dataset:
+    """Read a received DICOM file (with file meta) for :func:`validate_instance`, PixelData left on disk.
+
+    Raises :class:`Refusal` (``CANNOT_DECODE``) when the bytes are not a DICOM data set.
+    """
+    try:
+        ds = dcmread(Path(path), defer_size=_DEFER_BYTES)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        known = syntax is not None and syntax.is_transfer_syntax
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes are not a data set
+        raise Refusal(CANNOT_DECODE, "(dataset)", f"does not decode: {type(exc).__name__}: {exc}") from None
+    if not known:
+        # pynetdicom writes the negotiated syntax here; anything else is a file we cannot interpret.
+        raise Refusal(CANNOT_DECODE, "TransferSyntaxUID", "missing or not a transfer syntax")
+    return ds
+
+
+def _check_slice_thickness(ds: Dataset) -> None:
+    thickness = _numbers(ds, "SliceThickness", 1, required=False)
+    if thickness is not None and thickness[0] <= 0:
+        raise Refusal(CANNOT_UNDERSTAND, "SliceThickness", "must be positive")
 
 
 def _check_rescale(ds: Dataset, modality: str) -> None:
@@ -226,6 +353,8 @@ def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str)
     ``sop_class_uid``/``sop_instance_uid`` are the C-STORE request's Affected SOP Class/Instance UIDs.
     Raises :class:`Refusal`; returns the index fields otherwise.
     """
+    # First: every value parses, so the checks below read values without surprises.
+    _check_elements(ds)
     sop_class = _uid(ds, "SOPClassUID")
     if sop_class != sop_class_uid:
         raise Refusal(
@@ -250,6 +379,7 @@ def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str)
         )
     frame_of_reference = _uid(ds, "FrameOfReferenceUID")
     position, orientation, pixel_spacing = _check_geometry(ds)
+    _check_slice_thickness(ds)
     _check_rescale(ds, modality)
     rows, cols = _check_pixels(ds)
 

@@ -14,6 +14,7 @@ not by InstanceNumber. Direction cosines are the columns of the SimpleITK direct
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-__all__ = ["VolumeError", "SeriesVolume", "load_series", "resample_onto", "coverage_fraction"]
+__all__ = [
+    "MAX_EXTENT_MM", "VolumeError", "SeriesVolume", "load_series", "resample_onto", "coverage_fraction"
+]
 
 log = logging.getLogger("upete.volume")
 
@@ -33,6 +36,10 @@ log = logging.getLogger("upete.volume")
 _ORIENTATION_TOL = 1e-4
 _SPACING_REL_TOL = 0.01  # 1 % of the slice spacing (and at least _SPACING_ABS_TOL)
 _SPACING_ABS_TOL = 0.01  # mm
+# Largest extent along any image axis. A whole-body PET/CT is < 2 m long and < 0.8 m across; a header
+# claiming kilometres (PixelSpacing 1e6, slices 1e9 mm apart) would make every grid the model
+# resamples onto (2 mm voxels) exhaust memory, so it is refused here with a reason instead.
+MAX_EXTENT_MM = 3000.0
 
 
 class VolumeError(Exception):
@@ -69,12 +76,14 @@ def _read(path: Path) -> Dataset:
         return pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise VolumeError(f"{Path(path).name}: cannot read as DICOM: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a hostile file can make the parser raise anything
+        raise VolumeError(f"{Path(path).name}: cannot read as DICOM ({type(exc).__name__})") from None
 
 
 def _floats(ds: Dataset, keyword: str, count: int, name: str) -> np.ndarray:
     try:
         value = ds[keyword].value if keyword in ds else None
-    except (TypeError, ValueError):  # pydicom converts DS/IS lazily and raises on text like "abc"
+    except Exception:  # noqa: BLE001 - pydicom converts lazily and raises many types on bad values
         raise VolumeError(f"{name}: {keyword} is not numeric") from None
     if value is None or value == "":
         raise VolumeError(f"{name}: {keyword} is missing")
@@ -86,6 +95,59 @@ def _floats(ds: Dataset, keyword: str, count: int, name: str) -> np.ndarray:
     if array.size != count or not np.all(np.isfinite(array)):
         raise VolumeError(f"{name}: {keyword} must have {count} finite value(s), found {array.size}")
     return array
+
+
+def _int(ds: Dataset, keyword: str, name: str, default: int | None = None) -> int:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        if default is None:
+            raise VolumeError(f"{name}: {keyword} is missing")
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{name}: {keyword} is not a number") from None
+    if not math.isfinite(number) or number != int(number):
+        raise VolumeError(f"{name}: {keyword} is not an integer")
+    return int(number)
+
+
+# Header attributes read after the per-file pass; parsed there once so later code meets only values.
+_TOUCHED = ("SeriesInstanceUID", "Modality", "ImageOrientationPatient", "ImagePositionPatient",
+            "PixelSpacing", "SliceThickness", "NumberOfSlices", "RescaleSlope", "RescaleIntercept")
+
+
+def _read_slice(path: Path, name: str) -> tuple[Dataset, np.ndarray]:
+    """One file: its header (PixelData dropped) and its pixels rescaled to float32."""
+    ds = _read(path)
+    try:
+        for keyword in _TOUCHED:
+            ds.get(keyword)
+        frames = _int(ds, "NumberOfFrames", name, default=1)
+        rows, columns = _int(ds, "Rows", name), _int(ds, "Columns", name)
+        samples = _int(ds, "SamplesPerPixel", name, default=1)
+    except VolumeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot convert
+        raise VolumeError(f"{name}: header does not parse ({type(exc).__name__})") from None
+    if frames > 1:
+        raise VolumeError(f"{name}: multi-frame images are not supported (NumberOfFrames "
+                          f"{frames}); send the classic single-frame series")
+    if "SeriesInstanceUID" not in ds:
+        raise VolumeError(f"{name}: SeriesInstanceUID is missing")
+    if "PixelData" not in ds:
+        raise VolumeError(f"{name}: PixelData is missing")
+    if samples != 1:
+        raise VolumeError(f"{name}: only grey-scale images are supported (SamplesPerPixel {samples})")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for undecodable or truncated data
+        raise VolumeError(f"{name}: cannot decode PixelData: {exc}") from None
+    if pixels.shape != (rows, columns):
+        raise VolumeError(f"{name}: PixelData has shape {pixels.shape}, Rows/Columns say {(rows, columns)}")
+    slope, intercept = _rescale(ds, name)
+    del ds.PixelData  # headers only from here on: the caller keeps the pixels
+    return ds, pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
 def _rescale(ds: Dataset, name: str) -> tuple[float, float]:
@@ -116,28 +178,8 @@ def load_series(paths: Sequence[str | os.PathLike[str]]) -> SeriesVolume:
     slices: list[np.ndarray] = []
     for path in paths:
         name = Path(path).name
-        ds = _read(Path(path))
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(f"{name}: multi-frame images are not supported (NumberOfFrames "
-                              f"{ds.NumberOfFrames}); send the classic single-frame series")
-        for keyword in ("SeriesInstanceUID", "Rows", "Columns"):
-            if keyword not in ds:
-                raise VolumeError(f"{name}: {keyword} is missing")
-        if "PixelData" not in ds:
-            raise VolumeError(f"{name}: PixelData is missing")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise VolumeError(f"{name}: only grey-scale images are supported (SamplesPerPixel "
-                              f"{ds.SamplesPerPixel})")
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # pydicom raises many types for undecodable or truncated data
-            raise VolumeError(f"{name}: cannot decode PixelData: {exc}") from None
-        if pixels.shape != (int(ds.Rows), int(ds.Columns)):
-            raise VolumeError(f"{name}: PixelData has shape {pixels.shape}, Rows/Columns say "
-                              f"{(int(ds.Rows), int(ds.Columns))}")
-        slope, intercept = _rescale(ds, name)
-        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-        del ds.PixelData  # headers only from here on: the pixels are in `slices`
+        ds, pixels = _read_slice(Path(path), name)
+        slices.append(pixels)
         datasets.append(ds)
         names.append(name)
 
@@ -178,6 +220,7 @@ def load_series(paths: Sequence[str | os.PathLike[str]]) -> SeriesVolume:
     dz = _slice_spacing(datasets, names, positions, distance, normal)
     _check_slice_count(datasets, len(datasets))
 
+    _check_extent(names[0], len(datasets), spacings[0], dz, int(datasets[0].Rows), int(datasets[0].Columns))
     volume = np.stack(slices)
     image = sitk.GetImageFromArray(volume)
     row_spacing, column_spacing = (float(v) for v in spacings[0])
@@ -223,13 +266,21 @@ def _slice_spacing(datasets: list[Dataset], names: list[str], positions: np.ndar
     return spacing
 
 
+def _check_extent(name: str, count: int, spacing: np.ndarray, dz: float, rows: int, columns: int) -> None:
+    extent = {"rows": rows * float(spacing[0]), "columns": columns * float(spacing[1]), "slices": count * dz}
+    for axis, mm in extent.items():
+        if not mm <= MAX_EXTENT_MM:
+            raise VolumeError(f"{name}: the series spans {mm:.4g} mm along its {axis}, more than the "
+                              f"{MAX_EXTENT_MM:g} mm any PET/CT covers (PixelSpacing or positions are wrong)")
+
+
 def _check_slice_count(datasets: list[Dataset], count: int) -> None:
     expected = datasets[0].get("NumberOfSlices")
     if expected is None or datasets[0].get("Modality") != "PT":
         return
     try:
         expected = int(expected)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return
     if expected and expected != count:
         raise VolumeError(f"the series has {count} of the {expected} slices its NumberOfSlices announces")
