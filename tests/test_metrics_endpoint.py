@@ -64,8 +64,10 @@ def test_metrics_healthz_and_status_follow_a_study(tmp_path: Path) -> None:
         with NodeProcess(config) as node:
             code, body = _get(base + "/healthz")
             assert code == 200, body
-            assert json.loads(body) == {"status": "ok", "scp": "alive", "assembler": "alive",
-                                        "worker": "alive", "sender": "alive"}
+            health = json.loads(body)
+            assert health.pop("status") == "ok"
+            assert {"scp", "assembler", "worker", "sender"} <= set(health)  # and any newer thread
+            assert set(health.values()) == {"alive"}
             _, before = _get(base + "/metrics")
             assert _sample(before, "upete_model_load_seconds") > 0
             stored_before = _sample(before, "upete_instances_total", outcome="stored", status="0x0000")
@@ -112,3 +114,19 @@ def test_metrics_healthz_and_status_follow_a_study(tmp_path: Path) -> None:
     assert report["node"]["running"] is False and "stopped at" in report["node"]["summary"]
     with pytest.raises(OSError):
         _get(base + "/healthz")
+
+
+def test_healthz_is_503_naming_a_dead_thread() -> None:
+    from dicomnode.metrics import MetricsServer
+
+    alive = {"scp": True, "worker": True, "sender": True}
+    server = MetricsServer("127.0.0.1", 0, health=lambda: alive)
+    try:
+        assert _get(server.url + "/healthz")[0] == 200
+        alive["worker"] = False
+        code, body = _get(server.url + "/healthz")
+        assert code == 503
+        expected = {"status": "unhealthy", "scp": "alive", "worker": "dead", "sender": "alive"}
+        assert json.loads(body) == expected
+    finally:
+        server.close()
