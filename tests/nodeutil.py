@@ -97,6 +97,8 @@ def write_config(
         "destinations": [dict(d) for d in destinations],
         "model": model or {"checkpoint": "classical:gaussian", "device": "cpu"},
         "logging": {"level": "INFO", "audit_file": str(directory / "audit.log")},
+        # Any free port: nodes of tests running side by side must not fight over the default 9464.
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
     }
     path = directory / "node.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
