@@ -12,7 +12,8 @@
 
 Resumable: simulated cases, tuned parameters and each (case, dose, method) score are kept (in
 ``--data``, default data/quality/, git-ignored) and reused by a rerun. Later models join by name:
-``--checkpoint model.safetensors`` or ``--enhancer NAME=SPEC`` (any :func:`model.enhance.load_enhancer`
+``--checkpoint model.safetensors`` (a supervised U-Net from ``upete train --variant supervised`` is
+labelled "Supervised U-Net") or ``--enhancer NAME=SPEC`` (any :func:`model.enhance.load_enhancer`
 spec, built once per dose).
 """
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.dataset import list_cases
     from model.enhance import load_enhancer
     from model.evaluate import PerDose
-    from model.quality import machine_description, run_quality
+    from model.quality import LABELS, machine_description, run_quality
 
     shape = tuple(int(v) for v in args.shape.split(","))
     doses = [float(v) for v in args.doses.split(",")]
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                                holdout=args.holdout_recons, progress=not args.quiet)
     val = [p for p in list_cases(data / "val") if int(p.name.split("_")[1]) in val_seeds]
     test = [p for p in list_cases(data / "test") if int(p.name.split("_")[1]) in test_seeds]
+
+    for path in map(Path, args.checkpoint):
+        # A checkpoint is scored under its file's stem; the supervised reference gets its name in the tables.
+        config = path.with_suffix(".json")
+        if config.is_file() and json.loads(config.read_text()).get("kind") == "supervised":
+            LABELS[path.stem] = "Supervised U-Net"
 
     extra = {}
     for item in args.enhancer:

@@ -137,7 +137,9 @@ def load_enhancer(
     """Build the enhancer a config names.
 
     ``spec`` is ``"classical:gaussian"`` (optionally ``"classical:gaussian:FWHM_MM"``) or the path of a
-    ``.safetensors`` checkpoint with its JSON config beside it.
+    ``.safetensors`` checkpoint with its JSON config beside it: a uPETe diffusion model, or the
+    supervised reference U-Net when the JSON says ``"kind": "supervised"`` (``steps``,
+    ``dose_fraction`` and ``seed`` do not apply to it).
     """
     if spec.startswith("classical:"):
         parts = spec.split(":")
@@ -149,7 +151,22 @@ def load_enhancer(
         raise ValueError(f"a model checkpoint must be a .safetensors file, found {spec!r}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {spec} does not exist")
-    # Imported here: torch and the networks load only when a diffusion checkpoint is asked for.
+    # Imported here: torch and the networks load only when a model checkpoint is asked for.
+    if _checkpoint_kind(path) == "supervised":
+        from model.supervised import load_supervised_enhancer
+
+        return load_supervised_enhancer(path, device=device)  # trained at one dose: no t*, no sampler
     from model.latent_enhancer import load_diffusion_enhancer
 
     return load_diffusion_enhancer(path, device=device, steps=steps, dose_fraction=dose_fraction, seed=seed)
+
+
+def _checkpoint_kind(path: Path) -> str | None:
+    """The ``kind`` in a checkpoint's JSON config (None when absent or unreadable: a diffusion model)."""
+    import json
+
+    try:
+        data = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None  # the diffusion loader reports a missing or broken config in its own words
+    return data.get("kind") if isinstance(data, dict) else None

@@ -23,36 +23,14 @@ from model.enhance import Enhancer, EnhancerInfo, Progress
 from model.grid import array_image, isotropic_reference, resample_onto
 from model.network import UPETeModel
 from model.noise_level import noise_index
+from model.tiling import gaussian_weights as _gaussian_weights
+from model.tiling import pad_to_shape as _pad
+from model.tiling import tile_starts
 from model.train_data import AIR_HU
 
 __all__ = ["DiffusionEnhancer", "load_diffusion_enhancer", "tile_starts"]
 
 log = logging.getLogger(__name__)
-
-
-def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Start indices of tiles of ``patch`` covering ``size`` (≥ patch), neighbours sharing ≈ ``overlap``."""
-    if size <= patch:
-        return [0]
-    stride = max(1, int(patch * (1.0 - overlap)))
-    count = math.ceil((size - patch) / stride) + 1
-    return sorted({int(round(v)) for v in np.linspace(0, size - patch, count)})
-
-
-def _gaussian_weights(patch: tuple[int, int, int]) -> np.ndarray:
-    # σ = patch/6: smooth hand-over between tiles, and no tile edge (zero-padding artefacts) counts much.
-    axes = []
-    for p in patch:
-        x = np.arange(p) - (p - 1) / 2
-        axes.append(np.exp(-(x**2) / (2 * (p / 6) ** 2)))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return np.maximum(w / w.max(), 1e-3).astype(np.float32)
-
-
-def _pad(array: np.ndarray, shape: tuple[int, ...], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:
-    pads = [(0, max(m - n, 0)) for n, m in zip(array.shape, shape, strict=True)]
-    crop = tuple(slice(0, n) for n in array.shape)
-    return np.pad(array, pads, constant_values=value), crop
 
 
 class DiffusionEnhancer(Enhancer):

@@ -4,6 +4,10 @@ Data: ``--data DIR`` (simulated cases, NIfTI pairs, or one DICOM study per sub-f
 ``--simulate N`` (N phantom cases made once into ``OUT/sim_data`` and reused on resume). The run ends
 with ``OUT/upete-VARIANT.safetensors`` + ``.json`` and ``OUT/enhance.yaml``, a config naming it for
 ``upete enhance --config``. Several GPUs: ``torchrun --nproc-per-node G -m upete train ...``.
+
+``--variant supervised`` trains the supervised reference U-Net instead (:mod:`model.train_supervised`):
+on LPET/SPET pairs at ``--dose`` from simulated cases that hold that dose (``--simulate N`` makes them
+into ``OUT/sim_data_dDOSE``), ending with ``OUT/supervised-unet.safetensors`` + ``.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from dicomnode.logs import setup_logging
 
-VARIANTS = ("ldm", "ldm-p", "ldm-ct", "ldm-p-ct")
+VARIANTS = ("ldm", "ldm-p", "ldm-ct", "ldm-p-ct", "supervised")
 
 
 def _sizes(text: str, count: int | None = None) -> tuple[int, ...]:
@@ -41,7 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--resume continues it. Exit status 0 when trained, 1 on a training failure, 2 on usage errors.",
     )
     parser.add_argument(
-        "--variant", choices=VARIANTS, required=True, help="ldm, ldm-p, ldm-ct or ldm-p-ct (uPETe)"
+        "--variant",
+        choices=VARIANTS,
+        required=True,
+        help="ldm, ldm-p, ldm-ct or ldm-p-ct (uPETe); supervised: the reference U-Net on LPET/SPET pairs",
+    )
+    parser.add_argument(
+        "--dose",
+        metavar="D",
+        type=float,
+        default=0.1,
+        help="supervised only: the LPET dose fraction it trains on (default 0.1)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -79,7 +93,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=(16, 32, 64),
         help="autoencoder channels per level; 2/3/4 levels give f = 2/4/8 (default 16,32,64)",
     )
-    parser.add_argument("--unet-channels", metavar="C,..", type=_sizes, default=(32, 64, 64))
+    parser.add_argument(
+        "--unet-channels",
+        metavar="C,..",
+        type=_sizes,
+        default=None,
+        help="U-Net channels per level (default 32,64,64 for the denoiser, 16,32,64 for supervised)",
+    )
     parser.add_argument("--latent-channels", metavar="C", type=int, default=4)
     parser.add_argument("--norm-groups", metavar="G", type=int, default=8)
     parser.add_argument("--head-channels", metavar="C", type=int, default=32)
@@ -141,8 +161,13 @@ def _error(message: str, status: int) -> int:
     return status
 
 
-def _simulate(root: Path, count: int, shape: tuple[int, ...], seed: int) -> Path:
-    """N phantom cases under ``root`` (existing ones kept); rank 0 makes them, other ranks wait."""
+def _simulate(
+    root: Path, count: int, shape: tuple[int, ...], seed: int, doses: tuple[float, ...] = ()
+) -> Path:
+    """N phantom cases under ``root`` (existing ones kept); rank 0 makes them, other ranks wait.
+
+    ``doses``: LPETs to simulate as well (thinned from each case's own counts), for supervised pairs.
+    """
     marker = root / f".complete-{count}"
     if int(os.environ.get("RANK", "0")) != 0:
         deadline = time.monotonic() + 24 * 3600
@@ -159,7 +184,7 @@ def _simulate(root: Path, count: int, shape: tuple[int, ...], seed: int) -> Path
         if (folder / "arrays.npz").is_file():
             continue
         # recon=None: each case draws its reconstruction from the simulator's pool (several textures).
-        case = dataset.simulate_case(seed * 100000 + k, shape=shape, doses=(), recon=None)
+        case = dataset.simulate_case(seed * 100000 + k, shape=shape, doses=doses, recon=None)
         dataset.save_case(case, folder)
         print(f"simulated case {k + 1}/{count}", file=sys.stderr)
     marker.touch()
@@ -179,10 +204,47 @@ def _dicom_loader(folder: Path):  # noqa: ANN202 - (sitk.Image, sitk.Image | Non
     return pet, load_series(ct_paths).image
 
 
+def _run_supervised(args: argparse.Namespace) -> int:
+    from model.train_supervised import SupervisedSettings, train_supervised
+
+    if not 0 < args.dose <= 1:
+        return _error(f"--dose must be in (0, 1], found {args.dose}", 2)
+    defaults = SupervisedSettings(data_dir=Path(), out_dir=Path())
+    try:
+        data = args.data
+        if args.simulate is not None:
+            folder = args.out / f"sim_data_d{args.dose:g}"
+            data = _simulate(folder, args.simulate, args.sim_shape, args.seed, doses=(args.dose,))
+        settings = SupervisedSettings(
+            data_dir=data,
+            out_dir=args.out,
+            dose=args.dose,
+            steps=args.steps if args.steps is not None else defaults.steps,
+            patch_size=args.patch or defaults.patch_size,
+            batch_size=args.batch,
+            channels=args.unet_channels or defaults.channels,
+            norm_groups=args.norm_groups,
+            checkpoint_every_s=args.checkpoint_every,
+            log_every_s=args.log_every,
+            seed=args.seed,
+            device=args.device,
+            amp=not args.no_amp,
+            resume=args.resume,
+        )
+        result = train_supervised(settings)
+    except (ValueError, FileNotFoundError) as exc:
+        return _error(str(exc), 2)
+    print(f"model: {result.checkpoint}")
+    print(f"evaluate: python benchmarks/quality.py --checkpoint {result.checkpoint}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging("DEBUG" if args.verbose else "INFO")
     if args.simulate is not None and args.simulate < 1:
         return _error("--simulate needs at least 1 case", 2)
+    if args.variant == "supervised":
+        return _run_supervised(args)
     from model.diffusion import Variant
     from model.train import TrainSettings, train
 
@@ -210,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             denoiser_steps=dn_steps,
             ae_channels=args.ae_channels,
             latent_channels=args.latent_channels,
-            unet_channels=args.unet_channels,
+            unet_channels=args.unet_channels or (32, 64, 64),
             norm_groups=args.norm_groups,
             head_channels=args.head_channels,
             perceptual_weights=args.perceptual_weights,
