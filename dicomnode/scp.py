@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders import (
@@ -47,6 +48,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 
 from dicomnode import metrics
@@ -61,6 +63,7 @@ from dicomnode.validate import (
     SUCCESS,
     SUPPORTED_SOP_CLASSES,
     Refusal,
+    read_received,
     validate_instance,
 )
 
@@ -264,26 +267,33 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     return status
 
 
-def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
-    calling = stats.calling_ae if stats else ""
-    fields: dict[str, object] = {"calling_ae": calling, "sop_uid": str(event.request.AffectedSOPInstanceUID)}
+def _received(event: evt.Event) -> tuple[Dataset, Path | bytes]:
+    """The received data set and what the store keeps of it.
+
+    With chunked receive (:func:`start_server` turns it on) pynetdicom has streamed the data set into
+    a file: it is read with PixelData left on disk and the store moves that very file into the spool,
+    so no instance is held whole in memory or re-encoded. Otherwise (a server built another way) the
+    data set was received in memory and its encoded bytes are stored.
+    """
+    try:
+        path = event.dataset_path  # None, or AttributeError, when received in memory
+    except AttributeError:
+        path = None
+    if isinstance(path, (str, Path)):
+        return read_received(path), Path(path)
     try:
         ds = event.dataset
         ds.file_meta = event.file_meta
     except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes are not a dataset
-        log.warning(
-            "instance refused",
-            extra={
-                "fields": {
-                    **fields,
-                    "status": f"0x{CANNOT_DECODE:04X}",
-                    "attribute": "(dataset)",
-                    "reason": f"does not decode: {exc}",
-                }
-            },
-        )
-        return CANNOT_DECODE
+        raise Refusal(CANNOT_DECODE, "(dataset)", f"does not decode: {exc}") from None
+    return ds, event.encoded_dataset(include_meta=True)
+
+
+def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
+    calling = stats.calling_ae if stats else ""
+    fields: dict[str, object] = {"calling_ae": calling, "sop_uid": str(event.request.AffectedSOPInstanceUID)}
     try:
+        ds, source = _received(event)
         meta = validate_instance(
             ds,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -305,7 +315,7 @@ def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -
     if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
         meta = dataclasses.replace(meta, derived_by_us=True)
     try:
-        result = ctx.store.put(meta, event.encoded_dataset(include_meta=True), calling_ae=calling)
+        result = ctx.store.put(meta, source, calling_ae=calling)
     except OutOfResources as exc:
         log.error(
             "instance not stored",
@@ -373,6 +383,9 @@ def start_server(ctx: ScpContext):  # -> pynetdicom.transport.ThreadedAssociatio
     """
     tls = ctx.settings.access.tls
     ssl_context = server_context(tls) if tls is not None else None
+    # C-STORE data sets are streamed to a temporary file instead of memory (see _received); a
+    # pynetdicom-wide setting, so every server in this process receives this way.
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     ae = build_ae(ctx.settings)
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),

@@ -2,7 +2,10 @@
 
 Contract of :meth:`InstanceStore.put` (what makes "Success" safe to answer):
 
-1. the encoded dataset is written to a new temporary file under ``<root>/tmp``, fsynced;
+1. the received DICOM file is moved (renamed; copied when it lives on another file system) — or, given
+   as bytes, written — to a new temporary file under ``<root>/tmp``, and fsynced. The SCP hands over
+   the file pynetdicom streamed the data set into, so an instance is never held whole in memory and
+   never re-encoded;
 2. the file is renamed atomically to ``<root>/instances/<study>/<series>/<sop>.dcm`` and the directory
    is fsynced, so the name survives a power cut;
 3. only then its row is inserted (one committed SQLite transaction, WAL fsynced).
@@ -12,6 +15,8 @@ at the next start; or a renamed file without a row, overwritten when the sender 
 it never saw acknowledged) or a complete instance. A second copy of an indexed SOP Instance UID is
 answered as stored without writing anything (idempotent). Any write error, or less than
 ``storage.min_free_mb`` free, raises :class:`OutOfResources` with nothing half-written left behind.
+Free space is measured again for every instance, so the node accepts instances again by itself as
+soon as space returns.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from dicomnode.db import Database
 from dicomnode.validate import InstanceMeta
 
-__all__ = ["InstanceStore", "OutOfResources", "PutResult", "fsync_dir"]
+__all__ = ["InstanceStore", "OutOfResources", "PutResult", "free_bytes", "fsync_dir"]
 
 log = logging.getLogger("upete.store")
 
@@ -51,6 +56,14 @@ class OutOfResources(Exception):
 class PutResult(Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
+
+
+_COPY_CHUNK = 1024 * 1024
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the file system holding ``path`` (a module function so tests can fake a full disk)."""
+    return shutil.disk_usage(path).free
 
 
 def fsync_dir(path: Path) -> None:
@@ -106,22 +119,31 @@ class InstanceStore:
     def contains(self, sop_uid: str) -> bool:
         return bool(self.db.query(_EXISTS, (sop_uid,)))
 
-    def put(self, meta: InstanceMeta, encoded: bytes, *, calling_ae: str = "") -> PutResult:
-        """Store one instance durably (see the module docstring); ``encoded`` is a DICOM file (with meta).
+    def put(self, meta: InstanceMeta, source: bytes | Path, *, calling_ae: str = "") -> PutResult:
+        """Store one instance durably (see the module docstring).
 
+        ``source`` is a DICOM file (with meta): a path, which is moved into the spool (the caller's file
+        is gone afterwards unless the instance was a duplicate or refused), or its bytes.
         Raises :class:`OutOfResources` when it cannot; then nothing of this call remains on disk.
         """
         if self.contains(meta.sop_uid):
             return PutResult.DUPLICATE
-        free = shutil.disk_usage(self.root).free
-        if free - len(encoded) < self.min_free_bytes:
+        try:
+            size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+            free = free_bytes(self.root)
+        except OSError as exc:
+            raise OutOfResources(f"cannot measure the instance or the free space: {exc}") from exc
+        if free - size < self.min_free_bytes:
             free_mb, min_mb = free // (1024 * 1024), self.min_free_bytes // (1024 * 1024)
             raise OutOfResources(f"{free_mb} MB free, below storage.min_free_mb ({min_mb})")
         relative = self.relative_path(meta)
         final = self.root / relative
         tmp = self.tmp_dir / f"{meta.sop_uid}.{uuid.uuid4().hex}.part"
         try:
-            self._write_durably(tmp, encoded)
+            if isinstance(source, bytes):
+                self._write_durably(tmp, source)
+            else:
+                self._move_durably(Path(source), tmp)
             _makedirs_durable(final.parent, self.root)
             os.replace(tmp, final)
             fsync_dir(final.parent)
@@ -139,6 +161,22 @@ class InstanceStore:
             raise OutOfResources(f"cannot index the instance: {exc}") from exc
         # rowcount 0: another association stored the same SOP Instance UID in between (same bytes).
         return PutResult.STORED if inserted else PutResult.DUPLICATE
+
+    @staticmethod
+    def _move_durably(source: Path, path: Path) -> None:
+        """Rename ``source`` to ``path`` (a copy in chunks across file systems), then fsync it."""
+        try:
+            os.replace(source, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(source, "rb") as src, open(path, "xb") as dst:
+                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _write_durably(path: Path, data: bytes) -> None:

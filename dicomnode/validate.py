@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -174,6 +174,13 @@ def _attribute(tag: Tag) -> str:
     return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
 
 
+def _dictionary_vr(tag: Tag) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown: pydicom reads it as UN
+        return "UN"
+
+
 def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
     """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
 
@@ -185,11 +192,12 @@ def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = Non
         if seen[0] > MAX_ELEMENTS:
             raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
         raw = ds.get_item(tag, keep_deferred=True)
+        vr = getattr(raw, "VR", None) or _dictionary_vr(tag)  # implicit VR: the dictionary's
         if tag == _PIXEL_DATA:
-            if raw is not None and raw.VR not in ("OB", "OW", "OB or OW"):
-                raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {raw.VR}, not OB or OW")
+            if vr not in ("OB", "OW", "OB or OW"):
+                raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {vr}, not OB or OW")
             continue
-        if raw is not None and raw.VR in _BINARY_VRS:
+        if vr in _BINARY_VRS:
             continue
         try:
             element = ds[tag]

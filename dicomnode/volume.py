@@ -27,7 +27,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 __all__ = [
-    "MAX_EXTENT_MM", "VolumeError", "SeriesVolume", "load_series", "resample_onto", "coverage_fraction"
+    "MAX_EXTENT_MM",
+    "SeriesVolume",
+    "VolumeError",
+    "coverage_fraction",
+    "load_series",
+    "read_headers",
+    "resample_onto",
 ]
 
 log = logging.getLogger("upete.volume")
@@ -78,6 +84,28 @@ def _read(path: Path) -> Dataset:
         raise VolumeError(f"{Path(path).name}: cannot read as DICOM: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a hostile file can make the parser raise anything
         raise VolumeError(f"{Path(path).name}: cannot read as DICOM ({type(exc).__name__})") from None
+
+
+def read_headers(paths: Sequence[str | os.PathLike[str]]) -> list[Dataset]:
+    """The headers (no pixels) of stored instances; VolumeError naming a file that is damaged.
+
+    A spool file cut short (a disk fault, a copy gone wrong) parses as far as it goes; one without
+    its SOP Instance UID or geometry is not the instance that was received.
+    """
+    headers = []
+    for path in paths:
+        name = Path(path).name
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            present = all(ds.get(k) not in (None, "") for k in ("SOPInstanceUID", "ImagePositionPatient"))
+        except Exception as exc:  # noqa: BLE001 - a damaged file can make the parser raise anything
+            raise VolumeError(f"{name}: cannot read as DICOM ({type(exc).__name__}): the file is damaged") \
+                from None
+        if not present:
+            raise VolumeError(f"{name}: the header is incomplete (no SOP Instance UID or position): "
+                              "the file is damaged")
+        headers.append(ds)
+    return headers
 
 
 def _floats(ds: Dataset, keyword: str, count: int, name: str) -> np.ndarray:

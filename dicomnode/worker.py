@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
-
 from dicomnode import metrics
 from dicomnode.config import Settings, resolve_checkpoint
 from dicomnode.derived import DerivedPlan, plan_derived
@@ -28,7 +26,7 @@ from dicomnode.jobs import Job, JobQueue
 from dicomnode.pipeline import enhance_series
 from dicomnode.preview import write_job_preview
 from dicomnode.store import InstanceStore, fsync_dir
-from dicomnode.volume import VolumeError
+from dicomnode.volume import VolumeError, read_headers
 from model.enhance import Enhancer, load_enhancer
 
 __all__ = ["Enhancers", "Worker", "LEASE_S"]
@@ -128,7 +126,7 @@ class Worker:
     def _plan(self, job: Job, pet_paths: list[Path]) -> DerivedPlan:
         if job.plan_json:
             return DerivedPlan.from_json(job.plan_json)
-        headers = [dcmread(path, stop_before_pixels=True) for path in pet_paths]
+        headers = read_headers(pet_paths)  # VolumeError for a damaged spool file: the job's reason
         plan = plan_derived(headers, self.settings.output)
         # Stored before processing: every later run (after a crash, or a manual resend) writes the
         # same series and SOP Instance UIDs, so a receiver replaces instead of duplicating.

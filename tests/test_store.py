@@ -132,3 +132,46 @@ def test_index_survives_reopening(tmp_path: Path) -> None:
     assert InstanceStore(tmp_path / "spool", again).contains("1.2.3.4.5")
     assert again.query("PRAGMA journal_mode")[0][0] == "wal"
     again.close()
+
+
+def test_put_of_a_received_file_moves_it_into_the_spool(store: InstanceStore, tmp_path: Path) -> None:
+    received = tmp_path / "received.dcm"  # what pynetdicom streamed the data set into
+    received.write_bytes(b"DICOM file")
+    assert store.put(meta(), received) is PutResult.STORED
+    assert not received.exists()  # moved, not copied: no second copy of the pixels
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"DICOM file"
+    again = tmp_path / "again.dcm"
+    again.write_bytes(b"other")
+    assert store.put(meta(), again) is PutResult.DUPLICATE
+    assert again.exists()  # a duplicate leaves the caller's file alone (pynetdicom deletes it)
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_put_of_a_file_on_another_file_system_copies_it(
+    store: InstanceStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"x" * 3_000_000)
+    real_replace = os.replace
+
+    def cross_device(src: object, dst: object) -> None:
+        if Path(src) == received:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("dicomnode.store.os.replace", cross_device)
+    assert store.put(meta(), received) is PutResult.STORED
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").stat().st_size == 3_000_000
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_free_space_is_measured_for_every_instance(
+    store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.min_free_bytes = 500 * 1024 * 1024
+    free = {"bytes": 100 * 1024 * 1024}
+    monkeypatch.setattr("dicomnode.store.free_bytes", lambda _path: free["bytes"])
+    with pytest.raises(OutOfResources, match="100 MB free, below storage.min_free_mb \\(500\\)"):
+        store.put(meta(), b"x")
+    free["bytes"] = 10 * 1024**3
+    assert store.put(meta(), b"x") is PutResult.STORED
