@@ -244,6 +244,8 @@ def _dose_axis(ax: Any, doses: Sequence[float]) -> None:
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
+    # Explicit limits: a single dose gives matplotlib a zero-width range it cannot put on a log axis.
+    ax.set_xlim(100 * min(doses) / 1.5, 100 * max(doses) * 1.5)
     ax.set_xticks([100 * d for d in doses])
     ax.set_xticklabels([f"{100 * d:g}" for d in doses])
     ax.xaxis.set_minor_formatter(NullFormatter())

@@ -229,3 +229,12 @@ def test_gap_closed_is_not_printed_when_the_gap_is_tiny() -> None:
 
     assert _gap({"of_means": 0.69, "gap_of_means": 6.5}) == "0.69"
     assert _gap({"of_means": 30.0, "gap_of_means": 0.05}) == "– (LPET 0.05 dB from the ceiling)"
+
+
+def test_lesion_plot_with_one_dose_and_no_lesions(tmp_path: Path) -> None:
+    # A one-dose run on a case without lesions gives only NaN biases: the log dose axis must still draw.
+    nan = {"mean": math.nan, "std": math.nan}
+    lesions = {"suvmax_bias": nan, "suvmean_bias": nan}
+    summary = {"per_dose": {"0.1": {"lpet": {"expectation": {"lesions": lesions}}}}}
+    path = plot_lesion_bias_vs_dose(summary, tmp_path / "bias.png")
+    assert path.stat().st_size > 0
