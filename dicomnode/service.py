@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +101,10 @@ def _serve(
 ) -> int:
     store = InstanceStore(settings.storage.root, db, min_free_mb=settings.storage.min_free_mb)
     stale = store.remove_stale_temp_files()
+    # pynetdicom streams each received data set into a temporary file (chunked receive, dicomnode.scp).
+    # In the spool's tmp the store renames it into place instead of copying it across file systems
+    # (systemd's PrivateTmp is another mount), and the next start removes what a crash left there.
+    tempfile.tempdir = str(store.tmp_dir)
     jobs = JobQueue(db, audit)
     resumed = jobs.recover()
     loading = time.perf_counter()
