@@ -34,13 +34,18 @@ _PROGRESS = {"load": (0.0, 0.1), "resample": (0.1, 0.15), "enhance": (0.15, 0.9)
 
 @dataclass(frozen=True)
 class EnhanceResult:
-    """What one run produced: the derived files (slice order), the plan used, seconds per stage."""
+    """What one run produced: the derived files (slice order), the plan used, seconds per stage.
+
+    ``enhance_seconds``: the enhancer's own stages within ``enhance`` (encode, sample, …) when it
+    records them (a ``timings`` dict, as :class:`~model.latent_enhancer.DiffusionEnhancer` does).
+    """
 
     paths: list[Path]
     plan: DerivedPlan
     seconds_by_stage: dict[str, float]
     ct_used: bool = False
     notes: list[str] = field(default_factory=list)
+    enhance_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def check_pet_series(pet: SeriesVolume) -> None:
@@ -130,6 +135,7 @@ def enhance_series(
     started = time.perf_counter()
     enhanced = enhancer.enhance(pet.image, ct_on_pet, progress=_reporter(progress, "enhance"))
     seconds["enhance"] = time.perf_counter() - started
+    enhance_seconds = dict(getattr(enhancer, "timings", None) or {})
 
     started = time.perf_counter()
     _reporter(progress, "write")(0.0, "write")
@@ -141,4 +147,4 @@ def enhance_series(
               **{f"{k}_s": f"{v:.3f}" for k, v in seconds.items()}}
     log.info("series enhanced", extra={"fields": fields})
     return EnhanceResult(paths=paths, plan=plan, seconds_by_stage=seconds, ct_used=ct is not None,
-                         notes=notes)
+                         notes=notes, enhance_seconds=enhance_seconds)

@@ -10,9 +10,10 @@ A volume that fits in one patch is done whole (padded with air). Same input + sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from model.enhance import Enhancer, EnhancerInfo, Progress
 from model.grid import array_image, isotropic_reference, resample_onto
 from model.network import UPETeModel
 from model.noise_level import noise_index
+from model.tiling import Blender, split_air, split_air_by_ct, tile_starts, tile_windows
 from model.tiling import gaussian_weights as _gaussian_weights
 from model.tiling import pad_to_shape as _pad
-from model.tiling import tile_starts
 from model.train_data import AIR_HU
 
 __all__ = ["DiffusionEnhancer", "load_diffusion_enhancer", "tile_starts"]
@@ -39,6 +40,14 @@ class DiffusionEnhancer(Enhancer):
     ``steps``: sampler steps (default: the checkpoint's); ``dose_fraction``: the LPET's known dose
     (None = estimate t* from its noise); ``tiling``: ``"auto"`` (tiles of the training patch, or the
     whole volume when it fits in one) or ``"whole"`` (one pass over the padded volume).
+
+    Inference settings that do not change the model (benchmarks/results/speed.md measured them):
+    ``tile_batch`` tiles per denoiser call (default 8; per-sample GroupNorm makes it exact);
+    ``tile_overlap`` (default: the checkpoint's); ``skip_air_ct``: with a CT, tiles whose CT is air
+    (≤ ``air_hu`` everywhere: no patient) are kept as they are instead of being enhanced;
+    ``autocast``: bf16 autocast, on CUDA only (off by default: its quality is not verified yet).
+    After each :meth:`enhance_array`, ``timings`` holds seconds per stage (resample, normalise,
+    encode, sample, decode, resample_back) and ``tile_counts`` how many tiles ran and were skipped.
     """
 
     def __init__(
@@ -51,6 +60,11 @@ class DiffusionEnhancer(Enhancer):
         dose_fraction: float | None = None,
         seed: int = 0,
         tiling: str = "auto",
+        tile_batch: int = 8,
+        tile_overlap: float | None = None,
+        skip_air_ct: bool = True,
+        air_hu: float = -900.0,
+        autocast: bool = False,
     ) -> None:
         config = model.config
         if config.noise_curve is None:
@@ -66,6 +80,18 @@ class DiffusionEnhancer(Enhancer):
         self.dose_fraction = dose_fraction
         self.seed = seed
         self.tiling = tiling
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be ≥ 1, found {tile_batch}")
+        overlap = config.sampler.tile_overlap if tile_overlap is None else tile_overlap
+        if not 0 <= overlap < 1:
+            raise ValueError(f"tile_overlap must be in [0, 1), found {overlap}")
+        self.tile_batch = tile_batch
+        self.tile_overlap = overlap
+        self.skip_air_ct = skip_air_ct
+        self.air_hu = air_hu
+        self.autocast = autocast
+        self.timings: dict[str, float] = {}
+        self.tile_counts: dict[str, int] = {}
         variant = config.variant
         self.info = EnhancerInfo(
             name=f"uPETe {variant.label}",
@@ -97,20 +123,29 @@ class DiffusionEnhancer(Enhancer):
             if self.tiling == "auto":
                 size = tuple(max(s, p) for s, p in zip(size, patch, strict=True))
             return size, [(0, 0, 0)]  # type: ignore[return-value]
-        starts = [
-            tile_starts(max(n, p), p, self.config.sampler.tile_overlap)
-            for n, p in zip(shape, patch, strict=True)
-        ]
+        starts = [tile_starts(max(n, p), p, self.tile_overlap) for n, p in zip(shape, patch, strict=True)]
         corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
         return patch, corners
 
-    def _batches(self, corners: list, size: int) -> Iterator[list]:
-        for i in range(0, len(corners), size):
-            yield corners[i : i + size]
-
     # --- the model ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    def _sync(self) -> None:
+        # CUDA runs asynchronously: without a sync a stage's time would land in the next one.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, stage: str, started: float) -> float:
+        self._sync()
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - started
+        return now
+
+    def _autocast(self):  # noqa: ANN202 - a context manager
+        if self.autocast and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
     def _run_tiles(
         self,
         x: np.ndarray,
@@ -118,51 +153,61 @@ class DiffusionEnhancer(Enhancer):
         t_poisson: float,
         progress: Progress | None,
     ) -> np.ndarray:
-        """Enhance a normalised ``(z, y, x)`` array on the model grid; returns the same shape."""
+        """Enhance a normalised ``(z, y, x)`` array on the model grid; returns the same shape.
+
+        Each busy tile is encoded once, sampled with ``tile_batch`` tiles per denoiser call and
+        decoded once; GroupNorm normalises per sample, so the batch size does not change a tile's result.
+        """
         tile, corners = self._tiles(x.shape)
         padded_shape = tuple(max(n, t) for n, t in zip(x.shape, tile, strict=True))
         x_pad, crop = _pad(x, padded_shape, 0.0)
         ct_pad = _pad(ct, padded_shape, AIR_HU)[0] if ct is not None else None
         weights = _gaussian_weights(tile) if len(corners) > 1 else np.ones(tile, dtype=np.float32)
-        acc = np.zeros(padded_shape, dtype=np.float32)
-        norm = np.zeros(padded_shape, dtype=np.float32)
+        blend = Blender(padded_shape, weights)
         model, scale = self.model, self.config.latent_scale
         generator = torch.Generator().manual_seed(self.seed)
-        # Tiles of pure air (no activity at all) are left as they are: nothing to enhance, and a
-        # whole-body FOV is mostly air around the patient.
-        busy = []
-        for corner in corners:
-            window = tuple(slice(c, c + t) for c, t in zip(corner, tile, strict=True))
-            if float(np.abs(x_pad[window]).max()) > 0.0:
-                busy.append(corner)
-            else:
-                acc[window] += x_pad[window] * weights
-                norm[window] += weights
-        done = len(corners) - len(busy)
-        for batch in self._batches(busy, self.config.sampler.tile_batch):
-            windows = [tuple(slice(c, c + t) for c, t in zip(corner, tile, strict=True)) for corner in batch]
+        busy, air = split_air(x_pad, tile_windows(corners, tile))
+        if self.skip_air_ct and ct_pad is not None and len(corners) > 1:
+            busy, outside = split_air_by_ct(ct_pad, busy, air_hu=self.air_hu)
+            air += outside
+        for w in air:  # kept as they are (model/tiling.py: split_air)
+            blend.add(w, x_pad[w])
+        self.tile_counts = {"tiles": len(corners), "run": len(busy), "skipped_air": len(air)}
+        done = len(air)
+        for i in range(0, len(busy), self.tile_batch):
+            windows = busy[i : i + self.tile_batch]
+            started = time.perf_counter()
             xs = torch.from_numpy(np.stack([x_pad[w] for w in windows])[:, None]).to(self.device)
-            z_ct = None
-            if model.diffusion.uses_ct:
-                cts = torch.from_numpy(np.stack([ct_pad[w] for w in windows])[:, None]).to(self.device)
-                z_ct = model.diffusion.encode_ct(cts)
-            z_lpet = model.autoencoder.encode(xs).mean * scale
-            z_start, t_start = model.diffusion.start_from_lpet(
-                z_lpet,
-                t_poisson=t_poisson,
-                curve=self.config.noise_curve,
-                generator=generator,
-                renoise_ratio=self.config.sampler.renoise_ratio,
-            )
-            z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
-            out = model.autoencoder.decode(z0 / scale).float().cpu().numpy()[:, 0]
+            with self._autocast():
+                z_ct = None
+                if model.diffusion.uses_ct:
+                    cts = torch.from_numpy(np.stack([ct_pad[w] for w in windows])[:, None]).to(self.device)
+                    z_ct = model.diffusion.encode_ct(cts)
+                z_lpet = model.autoencoder.encode(xs).mean.float() * scale
+                # One start per tile, in tile order: the Gaussian variants' noise, drawn from the one
+                # generator, is then the same whatever the batch size.
+                starts = [
+                    model.diffusion.start_from_lpet(
+                        z_lpet[k : k + 1],
+                        t_poisson=t_poisson,
+                        curve=self.config.noise_curve,
+                        generator=generator,
+                        renoise_ratio=self.config.sampler.renoise_ratio,
+                    )
+                    for k in range(len(windows))
+                ]
+                z_start, t_start = torch.cat([z for z, _ in starts]), starts[0][1]
+                started = self._timed("encode", started)
+                z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
+                started = self._timed("sample", started)
+                out = model.autoencoder.decode(z0 / scale).float().cpu().numpy()[:, 0]
             for w, o in zip(windows, out, strict=True):
-                acc[w] += o * weights
-                norm[w] += weights
-            done += len(batch)
+                blend.add(w, o)
+            self._timed("decode", started)
+            done += len(windows)
             if progress:
                 progress(done / len(corners), "diffusion")
-        return (acc / np.maximum(norm, 1e-12))[crop]
+        return blend.result()[crop]
 
     def enhance_array(
         self,
@@ -178,6 +223,9 @@ class DiffusionEnhancer(Enhancer):
             raise ValueError(f"{self.info.name} needs a CT and none was given")
         if ct_hu is not None and ct_hu.shape != pet_bqml.shape:
             raise ValueError(f"CT shape {ct_hu.shape} differs from PET shape {pet_bqml.shape}")
+        self.timings = {}
+        self.tile_counts = {}
+        started = time.perf_counter()
         if progress:
             progress(0.0, "resample")
         target = self.config.spacing_mm
@@ -192,6 +240,7 @@ class DiffusionEnhancer(Enhancer):
             ct_iso = (
                 ct32 if same_grid else resample_onto(array_image(ct32, spacing_mm), reference, default=AIR_HU)
             )
+        started = self._timed("resample", started)
 
         norm = self.config.normalisation
         if norm.mode == "minmax":
@@ -212,8 +261,12 @@ class DiffusionEnhancer(Enhancer):
                 }
             },
         )
-        out_norm = self._run_tiles((pet_iso - offset) / scale, ct_iso, t_poisson, progress)
+        x_norm = (pet_iso - offset) / scale
+        self._timed("normalise", started)  # includes placing the LPET on the schedule (noise index)
+        out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress)
+        started = time.perf_counter()
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
+        started = self._timed("normalise", started)
 
         if same_grid:
             out = out_iso
@@ -221,10 +274,12 @@ class DiffusionEnhancer(Enhancer):
             out_image = array_image(out_iso, (target,) * 3)
             out_image.SetOrigin(reference.GetOrigin())
             out = resample_onto(out_image, pet_image, default=0.0)
+        # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
+        out = np.clip(out, 0.0, None).astype(np.float32)
+        self._timed("resample_back", started)
         if progress:
             progress(1.0, "done")
-        # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
-        return np.clip(out, 0.0, None).astype(np.float32)
+        return out
 
 
 def resolve_inference_device(device: str) -> str:

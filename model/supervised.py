@@ -36,7 +36,7 @@ from model.checkpoint import _atomic_save_tensors, _atomic_write_bytes, config_p
 from model.enhance import Enhancer, EnhancerInfo, Progress
 from model.grid import array_image, isotropic_reference, resample_onto
 from model.layers import Downsample, ResBlock, Upsample, check_levels, group_norm
-from model.tiling import gaussian_weights, pad_to_shape, tile_starts
+from model.tiling import Blender, gaussian_weights, pad_to_shape, split_air, tile_starts, tile_windows
 
 __all__ = [
     "KIND",
@@ -253,30 +253,23 @@ class SupervisedEnhancer(Enhancer):
         x_pad, crop = pad_to_shape(x, padded_shape, 0.0)  # air beyond the volume, as in training
         corners = self._corners(padded_shape)
         weights = gaussian_weights(patch) if len(corners) > 1 else np.ones(patch, dtype=np.float32)
-        acc = np.zeros(padded_shape, dtype=np.float32)
-        norm = np.zeros(padded_shape, dtype=np.float32)
-        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True)) for corner in corners]
-        # Tiles of pure air are kept as they are: nothing to enhance, and most of a whole-body FOV.
-        busy = []
-        for w in windows:
-            if float(np.abs(x_pad[w]).max()) > 0.0:
-                busy.append(w)
-            else:
-                acc[w] += x_pad[w] * weights
-                norm[w] += weights
-        done = len(windows) - len(busy)
+        blend = Blender(padded_shape, weights)
+        windows = tile_windows(corners, patch)
+        busy, air = split_air(x_pad, windows)  # pure air is kept as it is (model/tiling.py)
+        for w in air:
+            blend.add(w, x_pad[w])
+        done = len(air)
         step = self.config.tile_batch
         for i in range(0, len(busy), step):
             batch = busy[i : i + step]
             xs = torch.from_numpy(np.stack([x_pad[w] for w in batch])[:, None]).to(self.device)
             out = self.model(xs).float().cpu().numpy()[:, 0]
             for w, o in zip(batch, out, strict=True):
-                acc[w] += o * weights
-                norm[w] += weights
+                blend.add(w, o)
             done += len(batch)
             if progress:
                 progress(done / len(windows), "supervised")
-        return (acc / np.maximum(norm, 1e-12))[crop]
+        return blend.result()[crop]
 
     def enhance_array(
         self,

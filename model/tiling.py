@@ -11,7 +11,16 @@ import math
 
 import numpy as np
 
-__all__ = ["gaussian_weights", "pad_to_shape", "tile_starts"]
+__all__ = [
+    "Blender",
+    "Window",
+    "gaussian_weights",
+    "pad_to_shape",
+    "split_air",
+    "split_air_by_ct",
+    "tile_starts",
+    "tile_windows",
+]
 
 
 def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -41,3 +50,55 @@ def pad_to_shape(
     pads = [(0, max(m - n, 0)) for n, m in zip(array.shape, shape, strict=True)]
     crop = tuple(slice(0, n) for n in array.shape)
     return np.pad(array, pads, constant_values=value), crop
+
+
+Window = tuple[slice, slice, slice]
+
+
+def tile_windows(corners: list[tuple[int, int, int]], size: tuple[int, int, int]) -> list[Window]:
+    """The index windows of tiles of ``size`` starting at ``corners``."""
+    return [tuple(slice(c, c + s) for c, s in zip(corner, size, strict=True)) for corner in corners]  # type: ignore[misc]
+
+
+def split_air(x: np.ndarray, windows: list[Window]) -> tuple[list[Window], list[Window]]:
+    """``(busy, air)``: the windows of ``x`` holding any non-zero voxel, and those of pure air.
+
+    A tile of pure air (no activity at all) has nothing to enhance, and a whole-body FOV is mostly air
+    around the patient: enhancers keep such tiles as they are instead of running the network on them.
+    """
+    busy: list[Window] = []
+    air: list[Window] = []
+    for w in windows:
+        (busy if np.any(x[w]) else air).append(w)
+    return busy, air
+
+
+class Blender:
+    """Accumulates weighted tiles into a volume of ``shape``; :meth:`result` is their weighted mean."""
+
+    def __init__(self, shape: tuple[int, ...], weights: np.ndarray) -> None:
+        self.weights = weights
+        self.acc = np.zeros(shape, dtype=np.float32)
+        self.norm = np.zeros(shape, dtype=np.float32)
+
+    def add(self, window: Window, tile: np.ndarray) -> None:
+        self.acc[window] += tile * self.weights
+        self.norm[window] += self.weights
+
+    def result(self) -> np.ndarray:
+        return self.acc / np.maximum(self.norm, 1e-12)
+
+
+def split_air_by_ct(
+    ct_hu: np.ndarray, windows: list[Window], *, air_hu: float = -900.0
+) -> tuple[list[Window], list[Window]]:
+    """``(busy, air)`` by the CT: a window whose CT is ≤ ``air_hu`` everywhere holds no patient.
+
+    Its PET is scatter and reconstruction noise outside the body (never exactly zero after MLEM), so
+    :func:`split_air` alone skips nothing on a real study; the CT says where the patient is.
+    """
+    busy: list[Window] = []
+    air: list[Window] = []
+    for w in windows:
+        (busy if float(ct_hu[w].max()) > air_hu else air).append(w)
+    return busy, air

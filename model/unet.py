@@ -91,6 +91,8 @@ class RelativePositionBias(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
         self._index_cache: dict[tuple[int, int, int, str], torch.Tensor] = {}
+        self._bias_cache: torch.Tensor | None = None
+        self._bias_cache_key: tuple | None = None
 
     def _index(self, size: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         key = (*size, str(device))
@@ -113,6 +115,19 @@ class RelativePositionBias(nn.Module):
         return index
 
     def forward(
+        self, size: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._compute(size, device=device, dtype=dtype)
+        # Without gradients (sampling: every step and tile asks for the same B) the result is kept;
+        # the parameters' version counters in the key make any weight update recompute it.
+        key = (*size, str(device), dtype, *(p._version for p in self.mlp.parameters()))
+        if self._bias_cache_key != key:
+            self._bias_cache = self._compute(size, device=device, dtype=dtype)
+            self._bias_cache_key = key
+        return self._bias_cache
+
+    def _compute(
         self, size: tuple[int, int, int], *, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
         d, h, w = size
@@ -155,7 +170,9 @@ class CTCrossAttention(nn.Module):
         ct_n = self.norm_ct(ct)
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # B×C×D×H×W → B×heads×N×d
-            return x.reshape(b, self.heads, c // self.heads, d * hh * w).transpose(2, 3)
+            # Contiguous: on CPU, SDPA takes its fused kernel only then (≈4× faster than the math path
+            # it falls back to for transposed inputs; benchmarks/results/speed.md).
+            return x.reshape(b, self.heads, c // self.heads, d * hh * w).transpose(2, 3).contiguous()
 
         q, k = heads(self.to_q(ct_n)), heads(self.to_k(ct_n))
         v = heads(self.to_v(self.norm_pet(h)))
