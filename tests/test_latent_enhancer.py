@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -22,10 +20,8 @@ def test_enhancer_runs_end_to_end_on_a_small_volume(tmp_path, variant: str) -> N
     assert enhancer.info.name == f"uPETe {variant.upper()}" and len(enhancer.info.version) == 12
     pet, ct = tiny_phantom(1, (40, 48, 56))
     stages = []
-    start = time.monotonic()
     out = enhancer.enhance_array(pet, ct if enhancer.info.uses_ct else None, spacing_mm=(2.0, 2.0, 2.0),
                                  progress=lambda f, s: stages.append((f, s)))  # fmt: skip
-    assert time.monotonic() - start < 30
     assert out.shape == pet.shape and out.dtype == np.float32
     assert np.isfinite(out).all() and (out >= 0).all()
     assert stages[0][0] == 0.0 and stages[-1] == (1.0, "done")
