@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,7 +171,8 @@ def render_preview(
     figure = Figure(figsize=(12, 12.8), dpi=100, facecolor="white")
     grid = figure.add_gridspec(3, 4, width_ratios=[1, 1, 1, 0.05], left=0.04, right=0.93, top=0.9,
                                bottom=0.04, wspace=0.08, hspace=0.22)
-    figure.suptitle(title, fontsize=13, fontweight="bold", x=0.04, ha="left")
+    # Long series descriptions would run off the page: wrap onto a second line instead.
+    figure.suptitle(textwrap.fill(title, 105), fontsize=13, fontweight="bold", x=0.04, ha="left")
     scale_color = "black" if scale.unit == "SUVbw" else "red"
     figure.text(0.04, 0.925, f"{scale.note}; PET window {scale.unit} 0–{vmax:g} (same for both rows). "
                 "Research image, not for diagnosis.", fontsize=10.5, color=scale_color, ha="left")
