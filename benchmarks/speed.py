@@ -16,7 +16,7 @@ the planned shipped architecture: speed does not depend on weight values.
 ``--verify-shape``: the optimised inference settings against the unoptimised ones (tiles of 2, no
 CT-air skip) on a crop of the same case, same model: max |difference| / dynamic range and PSNR of
 both against the standard-dose PET. ``--no-ratio`` skips the latent vs full-resolution denoiser
-step comparison. Writes ``benchmarks/results/speed.md`` and ``speed.json``.
+step comparison. Writes ``benchmarks/results/speed.md`` and ``speed.json`` (``--out-name``: another name).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    enhancer = load_enhancer(args.checkpoint, device=args.device, steps=args.steps, dose_fraction=None)
+    enhancer = load_enhancer(args.checkpoint, device=args.device, steps=args.steps,
+                             dose_fraction=args.dose_fraction)
     for name, value in json.loads(args.settings).items():
         setattr(enhancer, name, value)
     load_s = time.perf_counter() - started
@@ -146,7 +147,9 @@ def measure(args: argparse.Namespace) -> dict:
     stages["other (tiling, blending)"] = max(outer["enhance"] - sum(inner.values()), 0.0)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {"model_load_s": load_s, "total_s": total, "stages_s": stages, "peak_rss_bytes": peak_rss,
-              "tiles": enhancer.tile_counts, "steps": enhancer.steps, "device": str(enhancer.device)}
+              "tiles": enhancer.tile_counts, "steps": enhancer.steps,
+              "sampling": enhancer.sampling, "dose_fraction": args.dose_fraction,
+              "device": str(enhancer.device)}
     if cuda:
         report["gpu_s"] = inner.get("encode", 0.0) + inner.get("sample", 0.0) + inner.get("decode", 0.0)
         report["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -159,6 +162,8 @@ def run_child(
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--checkpoint", str(checkpoint),
                "--pet", case["pet"], "--ct", case["ct"], "--steps", str(args.steps), "--threads",
                str(args.threads), "--device", args.device, "--settings", json.dumps(settings)]
+    if args.dose_fraction is not None:
+        command += ["--dose-fraction", str(args.dose_fraction)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"measured run failed:\n{done.stderr[-4000:]}")
@@ -204,8 +209,11 @@ def cost_ratio(checkpoint: Path, threads: int) -> dict:
             "full_resolution_step_s": full_s, "ratio": full_s / latent_s}
 
 
-def verify(checkpoint: Path, arrays: str, shape: tuple[int, int, int], steps: int, threads: int) -> dict:
-    """Optimised vs unoptimised inference settings on a crop of the case, same model and seed."""
+def verify(
+    checkpoint: Path, arrays: str, shape: tuple[int, int, int], steps: int, threads: int, dose: float | None,
+    settings: dict,
+) -> dict:
+    """Optimised (the run's ``settings``) vs unoptimised inference on a crop of the case, same model."""
     import torch
 
     from model.enhance import load_enhancer
@@ -220,9 +228,10 @@ def verify(checkpoint: Path, arrays: str, shape: tuple[int, int, int], steps: in
     crop = (slice(z0, z0 + shape[0]), slice(y0, y0 + shape[1]), slice(x0, x0 + shape[2]))
     lpet, spet, ct = lpet[crop], spet[crop], ct[crop]
     outputs, seconds = {}, {}
-    for name, settings in {"unoptimised": {"tile_batch": 2, "skip_air_ct": False}, "optimised": {}}.items():
-        enhancer = load_enhancer(str(checkpoint), device="cpu", steps=steps)
-        for key, value in settings.items():
+    variants = {"unoptimised": {"tile_batch": 2, "skip_air_ct": False}, "optimised": settings}
+    for name, chosen in variants.items():
+        enhancer = load_enhancer(str(checkpoint), device="cpu", steps=steps, dose_fraction=dose)
+        for key, value in chosen.items():
             setattr(enhancer, key, value)
         started = time.perf_counter()
         outputs[name] = enhancer.enhance_array(lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
@@ -245,9 +254,9 @@ def verify(checkpoint: Path, arrays: str, shape: tuple[int, int, int], steps: in
 # --- report --------------------------------------------------------------------------------------
 
 
-def write_report(report: dict) -> None:
+def write_report(report: dict, name: str = "speed") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     run = report["run"]
     m = report["machine"]
     gb = run["peak_rss_bytes"] / 1e9
@@ -259,8 +268,10 @@ def write_report(report: dict) -> None:
         f"{m['load_average']} (shared with a training run); {m['date']}.", "",
         f"Volume: PET {report['shape'][1]}×{report['shape'][2]}×{report['shape'][0]} at 2 mm (simulated, "
         "10 % dose, MLEM), CT 1 mm in-plane; "
-        f"model: {report['model']}; {run['steps']} sampling steps, device {run['device']}; tiles: "
-        f"{run['tiles']}.", "",
+        f"model: {report['model']}; {run['steps']} sampling steps (t* = {run['sampling'].get('t_start')} "
+        f"from dose fraction {run['dose_fraction']}, {run['sampling'].get('evaluations')} denoiser "
+        f"evaluations per tile), device {run['device']}; tiles: {run['tiles']}; inference settings "
+        f"{report['settings'] or 'default'}.", "",
         "| stage | seconds |", "|---|---:|",
         *[f"| {k} | {v:.2f} |" for k, v in run["stages_s"].items()],
         f"| **total** (model load {run['model_load_s']:.1f} s not included) | **{run['total_s']:.1f}** |", "",
@@ -304,7 +315,9 @@ def write_report(report: dict) -> None:
                   f"{v['psnr_body_optimised_db']:.3f} dB. "
                   f"Times: {v['seconds']['unoptimised']:.1f} s vs {v['seconds']['optimised']:.1f} s."]
     lines += ["", *report.get("notes", [])]
-    (RESULTS / "speed.md").write_text("\n".join(lines).rstrip() + "\n")
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="model .safetensors (default: shipped model, else random init)")
     parser.add_argument("--shape", default="160,256,256", help="PET voxels z,y,x at 2 mm")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dose-fraction", type=float, default=0.1,
+                        help="model.dose_fraction (the case is simulated at 10 %%; 0 = estimate from noise)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "upete-speed"))
@@ -321,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify-steps", type=int, default=5)
     parser.add_argument("--no-ratio", action="store_true")
     parser.add_argument("--note", action="append", default=[], help="a line added to the report")
+    parser.add_argument("--out-name", default="speed", help="results file name (benchmarks/results/NAME.md)")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pet", help=argparse.SUPPRESS)
     parser.add_argument("--ct", help=argparse.SUPPRESS)
@@ -329,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args.threads = args.threads or torch.get_num_threads()
+    args.dose_fraction = args.dose_fraction or None
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
@@ -362,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         report["ratio"] = cost_ratio(checkpoint, args.threads)
     if args.verify_shape:
         vshape = tuple(int(v) for v in args.verify_shape.split(","))
-        report["verify"] = verify(checkpoint, case["arrays"], vshape, args.verify_steps, args.threads)  # type: ignore[arg-type]
+        report["verify"] = verify(checkpoint, case["arrays"], vshape, args.verify_steps,  # type: ignore[arg-type]
+                                  args.threads, args.dose_fraction, settings)
     report["machine"] = machine(args.threads)
-    write_report(report)
-    print((RESULTS / "speed.md").read_text())
+    print(write_report(report, args.out_name).read_text())
     return 0
 
 

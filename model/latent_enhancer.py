@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import load_checkpoint, weights_digest
+from model.diffusion import sampling_timesteps
 from model.enhance import Enhancer, EnhancerInfo, Progress
 from model.grid import array_image, isotropic_reference, resample_onto
 from model.network import UPETeModel
@@ -47,7 +48,9 @@ class DiffusionEnhancer(Enhancer):
     (≤ ``air_hu`` everywhere: no patient) are kept as they are instead of being enhanced;
     ``autocast``: bf16 autocast, on CUDA only (off by default: its quality is not verified yet).
     After each :meth:`enhance_array`, ``timings`` holds seconds per stage (resample, normalise,
-    encode, sample, decode, resample_back) and ``tile_counts`` how many tiles ran and were skipped.
+    encode, sample, decode, resample_back), ``tile_counts`` how many tiles ran and were skipped, and
+    ``sampling`` the start step t* and the denoiser evaluations per tile (fewer than ``steps`` when t*
+    is small: the steps are distinct integer times).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class DiffusionEnhancer(Enhancer):
         self.autocast = autocast
         self.timings: dict[str, float] = {}
         self.tile_counts: dict[str, int] = {}
+        self.sampling: dict[str, int] = {}
         variant = config.variant
         self.info = EnhancerInfo(
             name=f"uPETe {variant.label}",
@@ -197,6 +201,8 @@ class DiffusionEnhancer(Enhancer):
                     for k in range(len(windows))
                 ]
                 z_start, t_start = torch.cat([z for z, _ in starts]), starts[0][1]
+                evaluations = len(sampling_timesteps(t_start, self.steps))
+                self.sampling = {"t_start": t_start, "evaluations": evaluations}
                 started = self._timed("encode", started)
                 z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
                 started = self._timed("sample", started)
@@ -225,6 +231,7 @@ class DiffusionEnhancer(Enhancer):
             raise ValueError(f"CT shape {ct_hu.shape} differs from PET shape {pet_bqml.shape}")
         self.timings = {}
         self.tile_counts = {}
+        self.sampling = {}
         started = time.perf_counter()
         if progress:
             progress(0.0, "resample")
