@@ -34,6 +34,47 @@ from tests.nodeutil import PACS_AE, NodeProcess, StoreSCP, db_rows, free_port, s
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_RATIO = 0.2
 
+# Run in the node process before the CLI (``--profile``): times the receive path's parts, written as JSON
+# at exit. Benchmark-only instrumentation; the node has no such hook.
+PROFILE = """
+import atexit, collections, contextlib, json, os, threading, time
+import dicomnode.db as _db, dicomnode.scp as _scp, dicomnode.store as _st
+_T = collections.defaultdict(float)
+_in_put = threading.local()
+def _timed(label, f):
+    def g(*a, **k):
+        s = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            _T[label] += time.perf_counter() - s
+    return g
+_scp.handle_store = _timed("C-STORE handler (all below)", _scp.handle_store)
+_scp.read_received = _timed("read the received header", _scp.read_received)
+_scp.validate_instance = _timed("validate every element", _scp.validate_instance)
+_move = _st.InstanceStore._move_durably
+_st.InstanceStore._move_durably = staticmethod(_timed("file: rename + fsync", _move))
+_st.fsync_dir = _timed("directory fsync", _st.fsync_dir)
+_tx = _db.Database.transaction
+@contextlib.contextmanager
+def _transaction(self):
+    s = time.perf_counter()
+    with _tx(self) as conn:
+        yield conn
+    if getattr(_in_put, "on", False):
+        _T["database row: commit (WAL fsync)"] += time.perf_counter() - s
+_db.Database.transaction = _transaction
+_put = _st.InstanceStore.put
+def _put_flagged(self, *a, **k):
+    _in_put.on = True
+    try:
+        return _put(self, *a, **k)
+    finally:
+        _in_put.on = False
+_st.InstanceStore.put = _timed("store.put (file, directory, row)", _put_flagged)
+atexit.register(lambda: open(os.environ["UPETE_PROFILE_OUT"], "w").write(json.dumps(_T)))
+"""
+
 
 def fsync_ms(directory: Path, n: int = 50) -> float:
     """Median time of new file + write 512 kB + fsync + rename here: the floor of a durable store."""
@@ -67,12 +108,14 @@ def to_storescp(files: list[Path], work: Path) -> float:
     return seconds
 
 
-def to_node(files: list[Path], work: Path) -> float:
+def to_node(files: list[Path], work: Path, *, profile: Path | None = None) -> float:
     directory = work / "node"
     directory.mkdir()
     # A long quiet period: no job starts during the receive (this measures the receive path alone).
     config = write_config(directory, port=free_port(), series_timeout_s=600)
-    with NodeProcess(config) as node:
+    if profile is not None:
+        os.environ["UPETE_PROFILE_OUT"] = str(profile)  # the node inherits it
+    with NodeProcess(config, preamble=PROFILE if profile is not None else None) as node:
         time.sleep(1.0)  # start-up settles
         started = time.perf_counter()
         result = storescu(files, node.port, timeout=600)
@@ -91,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--note", action="append", default=[], help="a line added to the report")
+    parser.add_argument("--no-profile", action="store_true", help="skip the extra, instrumented node run")
     args = parser.parse_args(argv)
+    profile: dict[str, float] = {}
     load_before = [round(v, 2) for v in os.getloadavg()]
     runs: dict[str, list[float]] = {"storescp": [], "node": []}
     with tempfile.TemporaryDirectory(prefix="upete-receive-") as tmp:
@@ -101,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             runs["storescp"].append(to_storescp(files, work))
             runs["node"].append(to_node(files, work))
+        if not args.no_profile:
+            out = work / "profile.json"
+            profile = {"total (storescu wall time)": to_node(files, work, profile=out),
+                       **json.loads(out.read_text())}
         mb = sum(p.stat().st_size for p in files) / 2**20
     rates = {k: args.slices / statistics.median(v) for k, v in runs.items()}
     ratio = rates["node"] / rates["storescp"]
@@ -114,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     "load_after": [round(v, 2) for v in os.getloadavg()]},
         "slices": args.slices, "mb": mb, "seconds": runs, "per_s": rates, "ratio": ratio,
         "fsync_ms": floor, "fsync_ceiling_per_s": 1000 / floor, "target_ratio": TARGET_RATIO,
+        "profile_s": profile,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "receive.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -134,8 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if ratio >= TARGET_RATIO else 'not met'}).", "",
         f"Floor here: new file + 512 kB write + fsync + rename takes {floor:.1f} ms (median of 50), so one "
         f"association that stores durably before each Success cannot pass ≈{1000 / floor:.0f} instances/s.",
-        "", *args.note,
+        "",
     ]
+    if profile:
+        n, wall = args.slices, "total (storescu wall time)"
+        lines += ["## Where the node's time goes", "",
+                  "One more node run, instrumented (wrappers timing the receive path's functions, "
+                  "benchmark-only): ms per instance.", "", "| part | ms per instance |", "|---|---:|",
+                  *[f"| {k} | {v * 1000 / n:.2f} |" for k, v in profile.items()],
+                  f"| outside the handler (pynetdicom: PDUs, DIMSE, the chunked temp file) | "
+                  f"{(profile[wall] - profile['C-STORE handler (all below)']) * 1000 / n:.2f} |",
+                  ""]
+    lines += [*args.note]
     (RESULTS / "receive.md").write_text("\n".join(lines).rstrip() + "\n")
     print((RESULTS / "receive.md").read_text())
     return 0
