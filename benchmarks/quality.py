@@ -12,9 +12,17 @@
 
 Resumable: simulated cases, tuned parameters and each (case, dose, method) score are kept (in
 ``--data``, default data/quality/, git-ignored) and reused by a rerun. Later models join by name:
-``--checkpoint model.safetensors`` (a supervised U-Net from ``upete train --variant supervised`` is
-labelled "Supervised U-Net") or ``--enhancer NAME=SPEC`` (any :func:`model.enhance.load_enhancer`
-spec, built once per dose).
+``--checkpoint model.safetensors`` or ``--models DIR`` (every trained model in DIR), recognised by
+their JSON config: the diffusion variant (LDM, LDM-P, LDM-CT, LDM-P-CT = uPETe) or ``"kind":
+"supervised"`` (the supervised U-Net); or ``--enhancer NAME=SPEC`` (any
+:func:`model.enhance.load_enhancer` spec, built once per dose).
+
+With models, the report opens with the paper's experiments (model.quality_paper), each with a verdict
+computed from its numbers: the ablation (Table 1), the comparison (Table 2), and, when asked for,
+generalisation to reconstructions absent from training (``--holdout-cases N``: a second test set,
+seeds 300000+, reconstructed from model.dataset.HOLDOUT_RECONS) and sampler steps vs quality
+(``--steps-curve 5,10,20,50``: LDM-P-CT on the *validation* cases; the recommended count is printed,
+never written into a config).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 VAL_SEED0 = 100_000
 TEST_SEED0 = 200_000
+HOLDOUT_SEED0 = 300_000
 DEFAULT_SHAPE = (64, 192, 192)
 
 
@@ -47,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="lpet,gaussian,nlm,bm4d,bilateral", help="baselines to run")
     p.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                    help="a model checkpoint to evaluate as well; repeatable")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="a folder of trained checkpoints (diffusion variants, supervised U-Net); repeatable")
+    p.add_argument("--holdout-cases", type=int, default=0,
+                   help="also score uPETe and the supervised U-Net on N cases reconstructed with held-out "
+                   "settings (seeds 300000+, in DATA/test_holdout; default 0: none)")
+    p.add_argument("--holdout-doses", default="0.1", help="doses of the held-out set (default 0.1)")
+    p.add_argument("--steps-curve", default="", metavar="N,N,...",
+                   help="LDM-P-CT at these sampler steps on the validation cases (e.g. 5,10,20,50)")
+    p.add_argument("--steps-doses", default="0.1", help="doses of the steps curve (default 0.1)")
+    p.add_argument("--device", default="auto", help="torch device for the models (default auto)")
     p.add_argument("--enhancer", action="append", default=[], metavar="NAME=SPEC",
                    help="any enhancer load_enhancer() builds (e.g. unet=weights/unet.safetensors); "
                    "repeatable")
@@ -90,20 +109,86 @@ def _case_summary(paths: list[Path]) -> str:
     return "; ".join(parts)
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _command_line(argv: list[str]) -> str:
+    """The command as typed, without the notes (they go into the header themselves)."""
+    given, skip = [], False
+    for item in argv:
+        if skip or item.startswith("--note="):
+            skip = False
+        elif item == "--note":
+            skip = True
+        else:
+            given.append(item)
+    return ("python benchmarks/quality.py " + " ".join(given)).strip()
+
+
+def _extra_methods(items: list[str]) -> dict:
+    """``--enhancer NAME=SPEC`` → {name: PerDose}; raises ValueError on a malformed item."""
+    from model.enhance import load_enhancer
+    from model.evaluate import PerDose
+
+    extra = {}
+    for item in items:
+        name, _, spec = item.partition("=")
+        if not spec:
+            raise ValueError(f"--enhancer wants NAME=SPEC, found {item!r}")
+        extra[name] = PerDose(lambda d, spec=spec: load_enhancer(spec, dose_fraction=d))
+    return extra
+
+
+def _seeded(folder: Path, seeds: list[int]) -> list[Path]:
+    from model.dataset import list_cases
+
+    return [p for p in list_cases(folder) if int(p.name.split("_")[1]) in seeds]
+
+
+def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: Path) -> tuple:
+    """The held-out-reconstruction summary and the steps curve, when asked for (None otherwise)."""
+    from model.quality_models import UPETE
+    from model.quality_paper import score_holdout, score_steps
+
+    holdout = steps = None
+    if args.holdout_cases:
+        seeds = [HOLDOUT_SEED0 + i for i in range(args.holdout_cases)]
+        # Only the doses the held-out table needs: every dose is one more reconstruction per case.
+        _simulate_missing(data / "test_holdout", seeds, shape=args.shape_zyx, doses=args.holdout_dose_list,
+                          holdout=True, progress=not args.quiet)
+        holdout = score_holdout(models, _seeded(data / "test_holdout", seeds), args.holdout_dose_list,
+                                cache_dir=data / "cache", device=args.device, progress=not args.quiet)
+    if args.steps_curve:
+        upete = next((m for m in models if m.variant == UPETE), None)
+        if upete is None:
+            raise ValueError("--steps-curve needs an LDM-P-CT checkpoint (--checkpoint or --models)")
+        counts = [int(v) for v in args.steps_curve.split(",") if v.strip()]
+        steps = score_steps(upete, counts, val, _floats(args.steps_doses), cache_dir=data / "cache",
+                            device=args.device, progress=not args.quiet)
+    return holdout, steps
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from model.baselines import METHODS
-    from model.dataset import list_cases
-    from model.enhance import load_enhancer
-    from model.evaluate import PerDose
     from model.quality import LABELS, machine_description, run_quality
+    from model.quality_models import find_checkpoints, models_title, training_header
+    from model.quality_paper import paper_sections
 
-    shape = tuple(int(v) for v in args.shape.split(","))
-    doses = [float(v) for v in args.doses.split(",")]
+    shape = args.shape_zyx = tuple(int(v) for v in args.shape.split(","))
+    doses = _floats(args.doses)
+    args.holdout_dose_list = _floats(args.holdout_doses)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     data = Path(args.data)
     started = time.perf_counter()
     load = os.getloadavg()[0]
+    try:
+        models = find_checkpoints([*args.checkpoint, *args.models])
+        extra = _extra_methods(args.enhancer)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     sim_doses = sorted(set(doses), reverse=True)
     val_seeds = [VAL_SEED0 + i for i in range(args.val_cases)]
@@ -112,67 +197,68 @@ def main(argv: list[str] | None = None) -> int:
                               progress=not args.quiet)
     sim_s += _simulate_missing(data / "test", test_seeds, shape=shape, doses=sim_doses,
                                holdout=args.holdout_recons, progress=not args.quiet)
-    val = [p for p in list_cases(data / "val") if int(p.name.split("_")[1]) in val_seeds]
-    test = [p for p in list_cases(data / "test") if int(p.name.split("_")[1]) in test_seeds]
+    val, test = _seeded(data / "val", val_seeds), _seeded(data / "test", test_seeds)
+    try:
+        holdout, steps = _paper_runs(args, models, val, data)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
-    for path in map(Path, args.checkpoint):
-        # A checkpoint is scored under its file's stem; the supervised reference gets its name in the tables.
-        config = path.with_suffix(".json")
-        if config.is_file() and json.loads(config.read_text()).get("kind") == "supervised":
-            LABELS[path.stem] = "Supervised U-Net"
-
-    extra = {}
-    for item in args.enhancer:
-        name, _, spec = item.partition("=")
-        if not spec:
-            print(f"error: --enhancer wants NAME=SPEC, found {item!r}", file=sys.stderr)
-            return 2
-        extra[name] = PerDose(lambda d, spec=spec: load_enhancer(spec, dose_fraction=d))
-
-    given, skip = [], False
-    for item in argv if argv is not None else sys.argv[1:]:
-        # Notes go into the header themselves, not into the command line.
-        if skip or item.startswith("--note="):
-            skip = False
-        elif item == "--note":
-            skip = True
-        else:
-            given.append(item)
-    command = "python benchmarks/quality.py " + " ".join(given)
     grids = {m: dict(METHODS[m].grid) for m in methods if m in METHODS and METHODS[m].grid}
     header = {
-        "command": f"`{command.strip()}`",
+        "command": f"`{_command_line(argv if argv is not None else sys.argv[1:])}`",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": f"{machine_description()}; load average {load:.1f} at the start (a shared machine: "
                    "timings are indicative)",
         "phantoms": f"{shape[0]}×{shape[1]}×{shape[2]} voxels of 2 mm (z, y, x), model.phantom; "
-                    "test seeds 200000+, validation seeds 100000+ (training uses seeds from 0)",
+                    "test seeds 200000+, validation seeds 100000+"
+                    + (", held-out-reconstruction test seeds 300000+" if args.holdout_cases else "")
+                    + " (training uses seeds from 0)",
         "simulation": "model.dataset.simulate_case: resolution 4 mm, CT attenuation, Poisson counts at "
                       "standard dose, every dose a binomial thinning of that acquisition (LPET and SPET "
                       "share counts, as list-mode subsampling does); reconstruction per case "
                       + ("from the held-out pool" if args.holdout_recons else "from the standard pool"),
         "test case reconstructions": _case_summary(test),
+        **({"held-out test case reconstructions": _case_summary(_seeded(
+            data / "test_holdout", [HOLDOUT_SEED0 + i for i in range(args.holdout_cases)]))}
+           if args.holdout_cases else {}),
         "baselines": "NLM 3³ patches ±3 search (scikit-image, fast mode); BM4D 'fast' profile on √activity "
                      "(hard thresholding only, 4-voxel steps, ±4 search); CT bilateral piecewise-linear "
                      "in HU (levels σr/2 apart); "
                      f"tuning grids: {grids}",
-        "tuning": f"per dose on the validation cases' central {args.tune_slices or 'all'} slices",
+        "tuning": "per dose on the validation cases' "
+                  + (f"central {args.tune_slices} slices" if args.tune_slices else "slices, all of them"),
+        **training_header(models),
         **{f"note {i + 1}" if len(args.note) > 1 else "note": n for i, n in enumerate(args.note)},
     }
+    labels = {m.key: m.label for m in models}
+
+    def sections(results, summary):
+        return paper_sections(results, summary, models=models, labels={**LABELS, **labels},
+                              out_dir=Path(args.out), holdout=holdout, steps=steps)
+
     results, summary = run_quality(
         test, Path(args.out), methods=methods, doses=doses, val_cases=val,
-        checkpoints=[Path(c) for c in args.checkpoint], extra_methods=extra, header=header,
+        checkpoints=[m.path for m in models], extra_methods=extra, header=header,
         cache_dir=data / "cache", tune_slices=args.tune_slices or None, progress=not args.quiet,
-        title="Quality benchmark: classical baselines on simulated low-dose PET",
+        title=models_title(models), labels=labels, sections=sections if models else None,
     )
     total = time.perf_counter() - started
-    # Record how long this invocation took (a resumed run only counts its own work).
+    # Record how long this invocation took (a resumed run only counts its own work), as the header's
+    # last line: the first section heading follows the header.
     report = Path(args.out) / "quality.md"
     text = report.read_text().replace(
-        "\n## How the numbers are computed",
-        f"- **wall time of this run**: {total / 60:.1f} min (simulation {sim_s / 60:.1f} min); "
-        "cached work from earlier runs is not counted\n\n## How the numbers are computed", 1)
+        "\n\n## ",
+        f"\n- **wall time of this run**: {total / 60:.1f} min (simulation {sim_s / 60:.1f} min); "
+        "cached work from earlier runs is not counted\n\n## ", 1)
     report.write_text(text)
+    if steps is not None:
+        from model.report_steps import recommend_steps
+
+        pick = recommend_steps(steps.summary, steps.keys)
+        print(f"recommended sampler steps: {pick['steps']} (smallest within {pick['tolerance_db']:g} dB "
+              f"of the best validation PSNR, {pick['best_psnr']:.2f} dB at {pick['best_steps']} steps); "
+              "not written into any config")
     print(f"wrote {report} ({len(results.records)} records, {total / 60:.1f} min)")
     return 0
 

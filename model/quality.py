@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,17 @@ from model.evaluate import EvalResults, MethodLike, PerDose, as_eval_case, evalu
 from model.report import markdown_report, plot_lesion_bias_vs_dose, plot_panels, plot_psnr_vs_dose, write_json
 
 __all__ = [
-    "DEFAULT_DOSES", "available_baselines", "build_methods", "machine_description", "run_quality", "tune_all",
+    "DEFAULT_DOSES", "LABELS", "Sections", "available_baselines", "build_methods", "checkpoint_method",
+    "machine_description", "run_quality", "tune_all",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The paper's dose fractions (DESIGN.md §5).
 DEFAULT_DOSES = (0.5, 0.25, 0.1, 0.05, 0.02)
+
+#: ``sections(results, summary) → (Markdown lines, JSON data)``: report sections computed from the run.
+Sections = Callable[[EvalResults, dict[str, Any]], tuple[list[str], dict[str, Any]]]
 
 #: Names as the report prints them.
 LABELS = {
@@ -152,13 +156,24 @@ def build_methods(
         else:
             methods[name] = make_baseline(name)
     for path in checkpoints:
-        from model.enhance import load_enhancer
-
-        def factory(dose: float, path: Path = Path(path)):
-            return load_enhancer(str(path), device=device, steps=steps, dose_fraction=dose)
-
-        methods[Path(path).stem] = PerDose(factory)
+        methods[Path(path).stem] = checkpoint_method(Path(path), device=device, steps=steps)
     return methods
+
+
+def checkpoint_method(path: Path, *, device: str = "auto", steps: int | None = None) -> PerDose:
+    """A checkpoint as a method, loaded once per dose through :func:`model.enhance.load_enhancer`
+    (the diffusion model's t* depends on the dose; ``steps`` None = the checkpoint's default)."""
+    from model.enhance import load_enhancer
+
+    def factory(dose: float) -> MethodLike:
+        enhancer = load_enhancer(str(path), device=device, steps=steps, dose_fraction=dose)
+        if hasattr(enhancer, "steps"):
+            # The weights digest alone is the cache version: without the steps in it, a score at one
+            # step count would be taken for another's.
+            enhancer.params = {"steps": enhancer.steps}
+        return enhancer
+
+    return PerDose(factory)
 
 
 def _figure_case(cases: Sequence[Any]) -> int:
@@ -202,12 +217,16 @@ def run_quality(
     progress: bool = True,
     title: str = "Quality benchmark",
     report_name: str = "quality",
+    labels: Mapping[str, str] | None = None,
+    sections: Sections | None = None,
 ) -> tuple[EvalResults, dict[str, Any]]:
     """Tune on ``val_cases`` (if any), evaluate on ``test_cases``, write the report into ``out_dir``.
 
     Writes ``{report_name}.md``, ``{report_name}.json``, ``tuned_params.json`` (when tuned) and PNGs:
     ``panel_<case>_dose<d>.png`` per dose, ``psnr_vs_dose.png``, ``ssim_vs_dose.png``,
-    ``lesion_bias_vs_dose.png``. Raises ValueError if a case is in both the test and validation sets.
+    ``lesion_bias_vs_dose.png``. ``labels`` add to :data:`LABELS`; ``sections``, when given, adds
+    sections computed from this run's results after the header (their data under ``"sections"`` in
+    the JSON). Raises ValueError if a case is in both the test and validation sets.
     """
     test_ids = {_case_id(c, i, "case") for i, c in enumerate(test_cases)}
     val_ids = {_case_id(c, i, "val") for i, c in enumerate(val_cases)}
@@ -235,16 +254,19 @@ def run_quality(
         full_header.setdefault("tuning", "none: baselines at their default parameters")
     for name, why in missing.items():
         full_header[f"{name} not run"] = why
-    figures = plot_panels(results, out_dir, labels=LABELS)
-    figures.append(plot_psnr_vs_dose(summary, out_dir / "psnr_vs_dose.png", labels=LABELS))
+    names = {**LABELS, **(labels or {})}
+    figures = plot_panels(results, out_dir, labels=names)
+    figures.append(plot_psnr_vs_dose(summary, out_dir / "psnr_vs_dose.png", labels=names))
     figures.append(
-        plot_psnr_vs_dose(summary, out_dir / "ssim_vs_dose.png", metric="ssim_paper", labels=LABELS)
+        plot_psnr_vs_dose(summary, out_dir / "ssim_vs_dose.png", metric="ssim_paper", labels=names)
     )
-    figures.append(plot_lesion_bias_vs_dose(summary, out_dir / "lesion_bias_vs_dose.png", labels=LABELS))
+    figures.append(plot_lesion_bias_vs_dose(summary, out_dir / "lesion_bias_vs_dose.png", labels=names))
     # Curves first: they summarise; the panels show one case.
     figures = figures[-3:] + figures[:-3]
+    extra_lines, extra_data = sections(results, summary) if sections else ([], {})
     text = markdown_report(results, summary, title=title, header=full_header, tuned=tuned, figures=figures,
-                           relative_to=out_dir, labels=LABELS)
+                           relative_to=out_dir, labels=names, sections=extra_lines)
     (out_dir / f"{report_name}.md").write_text(text)
-    write_json(results, summary, out_dir / f"{report_name}.json", header=full_header, tuned=tuned)
+    write_json(results, summary, out_dir / f"{report_name}.json", header=full_header, tuned=tuned,
+               sections=extra_data)
     return results, summary

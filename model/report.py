@@ -73,10 +73,13 @@ def write_json(
     *,
     header: Mapping[str, Any] | None = None,
     tuned: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Everything: header, summary, tuned parameters, reference rows and every per-case record."""
+    """Everything: header, summary, tuned parameters, the sections' verdicts (``sections``, e.g. the
+    ablation ordering), reference rows and every per-case record."""
     payload = {
         "header": dict(header or {}),
+        **({"sections": dict(sections)} if sections else {}),
         "doses": results.doses,
         "methods": results.methods,
         "summary": summary,
@@ -158,13 +161,16 @@ def markdown_report(
     figures: Sequence[Path] = (),
     relative_to: Path | None = None,
     labels: Mapping[str, str] | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
-    """The Markdown report: header, metric definitions, one table per reference, lesions, tuning, figures."""
+    """The Markdown report: header, ``sections`` (ready Markdown lines, e.g. the paper's tables and
+    their verdicts), metric definitions, one table per reference, lesions, tuning, figures."""
     labels = dict(labels or {})
     lines = [f"# {title}", ""]
     for key, value in (header or {}).items():
         lines.append(f"- **{key}**: {value}")
-    lines += ["", "## How the numbers are computed", "", METRIC_NOTES]
+    lines += ["", *sections]
+    lines += ["## How the numbers are computed", "", METRIC_NOTES]
 
     lines += _reference_section(summary)
     per_dose = summary["per_dose"]
