@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     started = time.perf_counter()
     load = os.getloadavg()[0]
+    if args.holdout_cases and args.holdout_recons:
+        print("error: --holdout-cases compares held-out reconstructions with the standard test set; "
+              "--holdout-recons would make both held out", file=sys.stderr)
+        return 2
     try:
         models = find_checkpoints([*args.checkpoint, *args.models])
         extra = _extra_methods(args.enhancer)

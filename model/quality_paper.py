@@ -109,9 +109,11 @@ def paper_sections(
             summary, holdout, upete=upete, supervised=supervised, labels=labels,
             dose=_scored_dose(holdout, dose))
         lines += part
+        data["generalisation"]["holdout_summary"] = holdout  # the held-out set's full numbers, for the JSON
     if steps is not None:
         figure = plot_steps_curve(steps.summary, steps.keys, out_dir / "steps_curve.png")
         part, data["steps"] = steps_section(steps.summary, steps.keys, dose=_scored_dose(steps.summary, dose),
                                             figure=figure, relative_to=out_dir, n_cases=steps.n_cases)
+        data["steps"]["summary"] = steps.summary
         lines += part
     return lines, data

@@ -23,6 +23,7 @@ __all__ = [
     "ablation_section",
     "beats",
     "comparison_section",
+    "dose_loss",
     "METHOD_HEAD",
     "method_cells",
     "generalisation_section",
@@ -286,7 +287,34 @@ def comparison_section(
                              data["beats_supervised_every_dose"]))
     others = ["lpet", *baselines, *([supervised] if supervised else [])]
     lesion_lines, data["lesions"] = _lesion_lines(summary, upete, others, dose, labels)
-    return lines + lesion_lines + [""], data
+    loss_line, data["dose_loss"] = _dose_loss_line(summary, upete, others[1:], labels)
+    return lines + lesion_lines + loss_line + [""], data
+
+
+def dose_loss(summary: Mapping[str, Any], method: str) -> float:
+    """Mean PSNR (paper, vs SPET) at the highest dose scored minus at the lowest: how much is lost as
+    the dose falls (the paper's Fig. 2 claim is that uPETe loses least). NaN with fewer than two doses."""
+    doses = sorted(float(d) for d in summary["per_dose"])
+    if len(doses) < 2:
+        return math.nan
+    high, low = (mean_of(summary, d, method, "psnr_paper") for d in (doses[-1], doses[0]))
+    return high - low
+
+
+def _dose_loss_line(
+    summary: Mapping[str, Any], upete: str, others: Sequence[str], labels: Mapping[str, str],
+) -> tuple[list[str], dict[str, Any]]:
+    losses = {m: dose_loss(summary, m) for m in (upete, *others)}
+    judged = [m for m in others if math.isfinite(losses[m])]
+    ok = (all(losses[upete] < losses[m] for m in judged)
+          if math.isfinite(losses[upete]) and judged else None)
+    doses = sorted(float(d) for d in summary["per_dose"])
+    span = (f"from {_dose_label(f'{doses[-1]:g}')} to {_dose_label(f'{doses[0]:g}')}" if len(doses) > 1
+            else "(one dose only)")
+    shown = "; ".join(f"{labels.get(m, m)} {_signed(losses[m])} dB" for m in (upete, *others))
+    line = (f"- **uPETe loses the least PSNR as the dose falls {span} (paper Fig. 2): "
+            f"{yes_no(ok, 'needs two doses and another method')}** ({shown})")
+    return [line], {"losses": losses, "holds": ok}
 
 
 # ------------------------------------------------------------------------------------- generalisation

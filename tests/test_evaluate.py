@@ -238,3 +238,16 @@ def test_lesion_plot_with_one_dose_and_no_lesions(tmp_path: Path) -> None:
     summary = {"per_dose": {"0.1": {"lpet": {"expectation": {"lesions": lesions}}}}}
     path = plot_lesion_bias_vs_dose(summary, tmp_path / "bias.png")
     assert path.stat().st_size > 0
+
+
+def test_sections_go_between_the_header_and_the_tables(cases, tmp_path: Path) -> None:
+    results = evaluate({}, cases[:1], (0.1,), figure_case=None, progress=False)
+    summary = summarise(results)
+    text = markdown_report(results, summary, header={"command": "pytest"},
+                           sections=["## Ablation", "", "- verdict: yes", ""])
+    heads = [line for line in text.splitlines() if line.startswith("## ")]
+    assert heads[:2] == ["## Ablation", "## How the numbers are computed"]
+    assert text.index("- **command**: pytest") < text.index("- verdict: yes")
+    path = write_json(results, summary, tmp_path / "q.json", sections={"ablation": {"holds": None}})
+    assert json.loads(path.read_text())["sections"] == {"ablation": {"holds": None}}
+    assert "sections" not in json.loads(write_json(results, summary, tmp_path / "r.json").read_text())

@@ -184,6 +184,9 @@ def test_comparison_verdicts_when_upete_wins() -> None:
     assert "**Mean lesion SUVmax bias of uPETe within ±10 % at 10 %: -4.0 %, yes**" in text
     assert ("LPET +30.0 % (no); Gaussian -40.0 % (no); CT bilateral -35.0 % (no); "
             "Supervised U-Net -5.0 % (yes)") in text
+    # Every other method keeps its PSNR from 50 % to 10 % here; uPETe loses 4 dB (the LPET is no rival).
+    assert "**uPETe loses the least PSNR as the dose falls from 50 % to 10 % (paper Fig. 2): no**" in text
+    assert "(uPETe (LDM-P-CT) +4.00 dB; Gaussian +0.00 dB; CT bilateral +0.00 dB; Supervised U-Net" in text
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "±" in line]
     assert rows == ["| LPET", "| Gaussian", "| CT bilateral", "| Supervised U-Net", "| uPETe (LDM-P-CT)"]
 
@@ -198,7 +201,15 @@ def test_comparison_verdicts_when_upete_loses_somewhere() -> None:
     assert "at every dose: no (where not: 50 % PSNR: CT bilateral 24.50 ≥ 24.20;" in text
     assert "**uPETe beats the supervised U-Net in PSNR and SSIM at 10 %: no (where not: 10 % SSIM:" in text
     assert "within ±10 % at 10 %: +15.0 %, no**" in text
+    assert data["dose_loss"]["holds"] is True  # uPETe gains 1.8 dB from 50 % to 10 % here, the rest 0
     assert beats(summary, "up", [], [0.1], LABELS)["holds"] is None
+
+
+def test_dose_loss_must_be_the_smallest_of_all() -> None:
+    summary = _summary({0.5: {**BASE, "gaussian": (27.0, 0.8, 0), "up": (28.0, 0.9, 0)},
+                        0.1: {**BASE, "up": (26.0, 0.85, 0)}})  # uPETe loses 2 dB, Gaussian 3, the rest 0
+    _, data = _comparison(summary)
+    assert data["dose_loss"]["losses"]["up"] == pytest.approx(2.0) and data["dose_loss"]["holds"] is False
 
 
 def test_generalisation_drop_verdict() -> None:
@@ -288,6 +299,10 @@ def _check_json_verdicts(data: dict) -> None:
         beat and not sections["comparison"]["beats_baselines_every_dose"]["failures"])
     assert sections["generalisation"]["verdict"]["drop"]["holds"] in (True, False)
     assert sections["steps"]["steps"] in (2, 3)
+    assert set(sections["steps"]["summary"]["per_dose"]["0.1"]) == {"lpet", "tiny-ldm-p-ct@2steps",
+                                                                   "tiny-ldm-p-ct@3steps"}
+    held = sections["generalisation"]["holdout_summary"]["per_dose"]["0.1"]
+    assert set(held) == {"lpet", "tiny-ldm-p-ct", "supervised-unet"}
 
 
 def test_steps_curve_needs_the_full_model(models_dir: Path, tmp_path: Path,
@@ -297,6 +312,14 @@ def test_steps_curve_needs_the_full_model(models_dir: Path, tmp_path: Path,
             "--checkpoint", str(models_dir / "tiny-ldm-p.safetensors"), "--steps-curve", "2"]
     assert _bench().main(argv) == 2
     assert "--steps-curve needs an LDM-P-CT checkpoint" in capsys.readouterr().err
+
+
+def test_a_held_out_main_test_set_cannot_be_compared_with_itself(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--holdout-recons",
+            "--holdout-cases", "2"]
+    assert _bench().main(argv) == 2
+    assert "would make both held out" in capsys.readouterr().err
 
 
 def test_cache_version_includes_the_sampler_steps(models_dir: Path) -> None:
