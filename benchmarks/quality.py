@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/quality.py [--cases 10] [--val-cases 4] [--shape 64,192,192] ...
 
+The issue #6 report (trained checkpoints, each with its JSON beside it):
+
+    .venv/bin/python benchmarks/quality.py --checkpoint LDM.safetensors --checkpoint LDM-P.safetensors \
+        --checkpoint LDM-CT.safetensors --checkpoint LDM-P-CT.safetensors \
+        --checkpoint supervised-unet.safetensors --holdout-cases 10 --steps-curve 5,10,20,50 --quiet
+
 1. Simulates what is missing (model.dataset): validation cases with seeds 100000+ and test cases with
    seeds 200000+ (training seeds start at 0, so none overlap), each with its own reconstruction drawn
    from the standard pool (``--holdout-recons``: from the reconstructions held out of training).
@@ -34,6 +40,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     labels = {m.key: m.label for m in models}
 
-    def sections(results, summary):
+    def sections(results: Any, summary: dict) -> tuple[list[str], dict]:
         return paper_sections(results, summary, models=models, labels={**LABELS, **labels},
                               out_dir=Path(args.out), holdout=holdout, steps=steps)
 
