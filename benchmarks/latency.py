@@ -60,6 +60,7 @@ def make_study(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
 def one_run(work: Path, shape: tuple[int, int, int], model: dict, series_timeout: float) -> dict:
     files = make_study(work / "study", shape)
     pet_count = shape[0]
+    (work / "node").mkdir()
     with StoreSCP(work / "pacs-in") as pacs:
         config = write_config(work / "node", port=free_port(), destinations=[pacs.destination()],
                               series_timeout_s=series_timeout, model=model)
@@ -94,23 +95,27 @@ def one_run(work: Path, shape: tuple[int, int, int], model: dict, series_timeout
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="also measure this diffusion checkpoint")
+    parser.add_argument("--checkpoint", help="also this diffusion checkpoint (dose_fraction 0.1)")
     parser.add_argument("--shape", default="48,128,128", help="PET voxels z,y,x at 2 mm")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--series-timeout", type=float, default=2.0, help="assembly.series_timeout_s")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--checkpoint-repeat", type=int, default=1, help="runs with --checkpoint")
+    parser.add_argument("--node-threads", type=int, help="OMP_NUM_THREADS of the node (torch threads)")
     parser.add_argument("--note", action="append", default=[])
     args = parser.parse_args(argv)
+    if args.node_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.node_threads)  # the node process inherits it
     shape = tuple(int(v) for v in args.shape.split(","))
     models = {"classical:gaussian": {"checkpoint": "classical:gaussian", "device": "cpu"}}
     if args.checkpoint:
         models[Path(args.checkpoint).name] = {"checkpoint": str(Path(args.checkpoint).resolve()),
-                                              "device": "cpu", "steps": args.steps}
+                                              "device": "cpu", "steps": args.steps, "dose_fraction": 0.1}
     load_before = [round(v, 2) for v in os.getloadavg()]
     results: dict[str, list[dict]] = {}
     for name, model in models.items():
         results[name] = []
-        for k in range(args.repeat):
+        for k in range(args.repeat if name == "classical:gaussian" else args.checkpoint_repeat):
             with tempfile.TemporaryDirectory(prefix="upete-latency-") as tmp:
                 results[name].append(one_run(Path(tmp), shape, model, args.series_timeout))  # type: ignore[arg-type]
             print(name, k, {p: round(v, 2) for p, v in results[name][-1]["parts"].items()}, flush=True)
@@ -128,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores; load average before {load_before}, after {report['load_after']} (shared "
         f"with a training run); {report['date']}. Study: PET {shape[1]}×{shape[2]}×{shape[0]} at 2 mm + CT "
         f"1 mm in-plane ({2 * shape[0]} files), one association; assembly.series_timeout_s = "
-        f"{args.series_timeout:g}; destination DCMTK storescp on loopback.", "",
+        f"{args.series_timeout:g}; destination DCMTK storescp on loopback; node torch threads "
+        f"{args.node_threads or 'default'}.", "",
         "Seconds from the last instance received to the derived series stored at the destination, median "
-        f"of {args.repeat} runs (each part's median; total is the median of totals):", "",
+        f"of {args.repeat} runs ({args.checkpoint_repeat} with a checkpoint; each part's median, total the "
+        "median of totals):", "",
         "| model | " + " | ".join(PARTS) + " | **total** |", "|---|" + "---:|" * (len(PARTS) + 1),
     ]
     for name, runs in results.items():
