@@ -34,7 +34,10 @@ class TrainSettings:
     unet_lr: float = 2e-4
     kl_weight: float = 1e-6
     ssim_weight: float = 0.5
-    adv_weight: float = 0.01
+    # Off by default: with weight 0.01 (and no adaptive weighting) the hinge term took the f = 2
+    # autoencoder from ≈ 38 to ≈ 28 dB reconstruction PSNR within 260 steps on the phantoms; PSNR and
+    # SUV fidelity are what the node is for, texture realism is not.
+    adv_weight: float = 0.0
     adv_start: int | None = None  # AE step where the discriminator joins; default half of ae_steps
     perceptual_weights: Path | None = None
     perceptual_weight: float = 0.1

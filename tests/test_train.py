@@ -232,3 +232,15 @@ def test_minmax_normalisation_and_the_perceptual_loss_train_too(data, tmp_path) 
     config = load_model_config(result.checkpoint)
     assert config.normalisation.mode == "minmax"
     assert config.normalisation.scale_bqml > 0  # kept: the noise index is measured in fixed units
+
+
+@pytest.mark.parametrize("adv_weight", [0.0, 0.1])
+def test_the_discriminator_trains_only_when_the_adversarial_loss_is_on(data, tmp_path, adv_weight) -> None:
+    # Off by default (TrainSettings.adv_weight): it costs reconstruction fidelity on PET.
+    from safetensors.torch import load_file
+
+    assert TrainSettings.adv_weight == 0.0
+    train(_settings("ldm", data, tmp_path, ae_steps=3, adv_start=0, adv_weight=adv_weight, stage="ae"))
+    state = load_file(str(tmp_path / "train_state.safetensors"))
+    moments = [v for k, v in state.items() if k.startswith("optim.disc.") and "exp_avg" in k]
+    assert (adv_weight > 0) == any(bool(m.abs().sum() > 0) for m in moments)

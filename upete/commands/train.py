@@ -111,6 +111,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="3D ResNet (MedicalNet) weights as .safetensors for the perceptual loss (off without)",
     )
     parser.add_argument(
+        "--adv-weight",
+        metavar="W",
+        type=float,
+        default=0.0,
+        help="weight of the autoencoder's patch-adversarial loss (default 0: off, it costs PSNR)",
+    )
+    parser.add_argument(
+        "--adv-start", metavar="STEP", type=int, help="autoencoder step where the discriminator joins"
+    )
+    parser.add_argument(
         "--sim-shape",
         metavar="Z,Y,X",
         type=lambda t: _sizes(t, 3),
@@ -276,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
             norm_groups=args.norm_groups,
             head_channels=args.head_channels,
             perceptual_weights=args.perceptual_weights,
+            adv_weight=args.adv_weight,
+            adv_start=args.adv_start,
             normalisation=args.normalisation,
             vary_recon=not args.no_vary_recon,
             pool_size=args.pool_size,
