@@ -45,7 +45,9 @@ class DiffusionEnhancer(Enhancer):
     Inference settings that do not change the model (benchmarks/results/speed.md measured them):
     ``tile_batch`` tiles per denoiser call (default 8; per-sample GroupNorm makes it exact);
     ``tile_overlap`` (default: the checkpoint's); ``skip_air_ct``: with a CT, tiles whose CT is air
-    (≤ ``air_hu`` everywhere: no patient) are kept as they are instead of being enhanced;
+    (≤ ``air_hu`` everywhere: no patient) and whose PET stays below ``air_max_bqml`` (outside the
+    body a 10 %-dose MLEM LPET stayed below ≈1100 Bq/ml; tissue beyond a smaller CT field of view
+    does not) are kept as they are instead of being enhanced;
     ``autocast``: bf16 autocast, on CUDA only (off by default: its quality is not verified yet).
     After each :meth:`enhance_array`, ``timings`` holds seconds per stage (resample, normalise,
     encode, sample, decode, resample_back), ``tile_counts`` how many tiles ran and were skipped, and
@@ -67,6 +69,7 @@ class DiffusionEnhancer(Enhancer):
         tile_overlap: float | None = None,
         skip_air_ct: bool = True,
         air_hu: float = -900.0,
+        air_max_bqml: float = 1500.0,
         autocast: bool = False,
     ) -> None:
         config = model.config
@@ -92,6 +95,8 @@ class DiffusionEnhancer(Enhancer):
         self.tile_overlap = overlap
         self.skip_air_ct = skip_air_ct
         self.air_hu = air_hu
+        self.air_max_bqml = air_max_bqml
+        self._air_pet_limit: float | None = None  # air_max_bqml in the normalised units of a call
         self.autocast = autocast
         self.timings: dict[str, float] = {}
         self.tile_counts: dict[str, int] = {}
@@ -172,7 +177,9 @@ class DiffusionEnhancer(Enhancer):
         generator = torch.Generator().manual_seed(self.seed)
         busy, air = split_air(x_pad, tile_windows(corners, tile))
         if self.skip_air_ct and ct_pad is not None and len(corners) > 1:
-            busy, outside = split_air_by_ct(ct_pad, busy, air_hu=self.air_hu)
+            busy, outside = split_air_by_ct(
+                ct_pad, busy, air_hu=self.air_hu, pet=x_pad, pet_limit=self._air_pet_limit
+            )
             air += outside
         for w in air:  # kept as they are (model/tiling.py: split_air)
             blend.add(w, x_pad[w])
@@ -269,6 +276,7 @@ class DiffusionEnhancer(Enhancer):
             },
         )
         x_norm = (pet_iso - offset) / scale
+        self._air_pet_limit = (self.air_max_bqml - offset) / scale
         self._timed("normalise", started)  # includes placing the LPET on the schedule (noise index)
         out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress)
         started = time.perf_counter()

@@ -90,15 +90,26 @@ class Blender:
 
 
 def split_air_by_ct(
-    ct_hu: np.ndarray, windows: list[Window], *, air_hu: float = -900.0
+    ct_hu: np.ndarray,
+    windows: list[Window],
+    *,
+    air_hu: float = -900.0,
+    pet: np.ndarray | None = None,
+    pet_limit: float | None = None,
 ) -> tuple[list[Window], list[Window]]:
     """``(busy, air)`` by the CT: a window whose CT is ≤ ``air_hu`` everywhere holds no patient.
 
     Its PET is scatter and reconstruction noise outside the body (never exactly zero after MLEM), so
-    :func:`split_air` alone skips nothing on a real study; the CT says where the patient is.
+    :func:`split_air` alone skips nothing on a real study; the CT says where the patient is. Where the
+    CT's field of view is smaller than the PET's, the PET grid is filled with air beyond it although
+    the patient (an arm) may be there: with ``pet`` and ``pet_limit`` a window also needs its PET below
+    ``pet_limit`` everywhere to count as air.
     """
     busy: list[Window] = []
     air: list[Window] = []
     for w in windows:
-        (busy if float(ct_hu[w].max()) > air_hu else air).append(w)
+        empty = float(ct_hu[w].max()) <= air_hu
+        if empty and pet is not None and pet_limit is not None:
+            empty = float(pet[w].max()) < pet_limit
+        (air if empty else busy).append(w)
     return busy, air

@@ -126,3 +126,15 @@ def test_position_bias_is_kept_without_gradients_and_follows_weight_updates() ->
     torch.testing.assert_close(second, first + 1.0)
     with_grad = bias((2, 3, 3), device=torch.device("cpu"), dtype=torch.float32)
     assert with_grad.requires_grad  # training never gets the cached tensor
+
+
+def test_a_patient_beyond_the_ct_field_of_view_is_still_enhanced(tmp_path) -> None:
+    # The CT grid is air where the CT did not reach; PET activity there is a patient, not air.
+    path = str(tiny_checkpoint(tmp_path, "ldm-p-ct"))
+    pet, ct = patient_in_air()
+    pet[:, 10:30, 4:20] += 4000.0  # an arm the CT does not show
+    _, enhancer = _enhance(path, pet, ct)
+    _, unaware = _enhance(path, pet, ct, air_max_bqml=float("inf"))
+    assert enhancer.tile_counts["skipped_air"] < unaware.tile_counts["skipped_air"]
+    arm_tile_skipped = split_air_by_ct(ct, tile_windows([(0, 0, 0)], (16, 32, 32)), pet=pet, pet_limit=1500.0)
+    assert arm_tile_skipped == ([tile_windows([(0, 0, 0)], (16, 32, 32))[0]], [])
