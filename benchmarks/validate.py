@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(checkpoint, model, model.config)
     else:
         model, checkpoint = load_checkpoint(args.checkpoint), str(args.checkpoint)
+        if not model.config.training.get("denoiser", {}).get("steps"):
+            checkpoint = None  # an autoencoder-stage file: fidelity only
     if not args.no_ae:
         autoencoder_fidelity(model, cases, doses)
     if checkpoint is not None:
