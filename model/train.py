@@ -2,7 +2,8 @@
 
 1. **Autoencoder** E/D on SPET patches (a fraction of them Poisson-perturbed, so E also encodes
    the noisy images it will meet at inference): L1 + SSIM + KL (+ perceptual with a user's weights
-   file) + hinge adversarial loss from ``adv_start`` on.
+   file) (+ hinge adversarial loss from ``adv_start`` on, when ``adv_weight`` > 0). The autoencoder
+   kept is the EMA of its weights.
 2. **Calibration** with E frozen: the latent scale and the schedule's noise curve
    (:mod:`model.calibration`), stored in the checkpoint.
 3. **Denoiser** U (+ E_CT for CT variants, trained jointly by the diffusion loss): Poisson variants
@@ -138,6 +139,9 @@ class _Run:
             )
         ).to(self.device)
         self.ema = Ema(self.model.diffusion, settings.ema_decay).to(self.device)
+        # The autoencoder's last weights swing by several dB of reconstruction PSNR from one save to
+        # the next (batch 2, noisy and clean batches mixed): its EMA is what calibration and stage 2 use.
+        self.ae_ema = Ema(self.model.autoencoder, settings.ema_decay).to(self.device)
         self.opt_ae = torch.optim.Adam(
             self.model.autoencoder.parameters(), lr=settings.ae_lr, betas=(0.5, 0.9)
         )
@@ -192,7 +196,7 @@ class _Run:
         return DEFAULT_PATCH_CUDA if self.device.type == "cuda" else DEFAULT_PATCH_CPU
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "discriminator": self.disc, "ema": self.ema}
+        return {"model": self.model, "discriminator": self.disc, "ema": self.ema, "ae_ema": self.ae_ema}
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"ae": self.opt_ae, "disc": self.opt_disc, "unet": self.opt_unet}
@@ -294,6 +298,7 @@ class _Run:
                 real, fake = logits.chunk(2)
                 d_loss = hinge_d_loss(real, fake)
                 self.precision.step(d_loss, self.opt_disc, self.disc.parameters(), clip=None)
+            self.ae_ema.update(ae)
             value = float(loss.detach())
             self.losses["ae"].append(value)
             progress.update(step + 1, value)
@@ -301,6 +306,8 @@ class _Run:
                 self.on_step("ae", step + 1, value)
             self.meta = {"stage": "ae", "step": step + 1}
             last_save = self._maybe_save(last_save)
+        if int(self.ae_ema.updates) > 0:
+            self.model.autoencoder.load_state_dict(self.ae_ema.shadow.state_dict())
         self.meta = {"stage": "calibrate", "step": 0}
         self.save_state()
 

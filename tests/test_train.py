@@ -244,3 +244,16 @@ def test_the_discriminator_trains_only_when_the_adversarial_loss_is_on(data, tmp
     state = load_file(str(tmp_path / "train_state.safetensors"))
     moments = [v for k, v in state.items() if k.startswith("optim.disc.") and "exp_avg" in k]
     assert (adv_weight > 0) == any(bool(m.abs().sum() > 0) for m in moments)
+
+
+def test_the_autoencoder_kept_is_the_ema_of_its_weights(data, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from model.checkpoint import load_checkpoint
+
+    result = train(_settings("ldm", data, tmp_path, ae_steps=6, ae_lr=1e-2, stage="ae"))
+    state = load_file(str(tmp_path / "train_state.safetensors"))
+    kept = load_checkpoint(result.autoencoder_checkpoint).autoencoder.state_dict()
+    for key, value in kept.items():
+        assert torch.equal(value, state[f"module.ae_ema.shadow.{key}"]), key
+    assert int(state["module.ae_ema.updates"]) == 6  # one EMA update per autoencoder step
