@@ -179,7 +179,12 @@ class _Run:
         init = load_model_config(path)
         if init.noise_curve is None:
             raise ValueError(f"{path} has no calibrated autoencoder (no noise curve); train stage ae first")
-        config = config_for(self.s, init.normalisation.scale_bqml, init.patch_size)
+        # E_CT mirrors E (same down-sampling and latent size), so it follows the reused autoencoder,
+        # not this run's --ae-channels.
+        sizes = dataclasses.replace(
+            self.s, ae_channels=init.autoencoder.channels, latent_channels=init.autoencoder.latent_channels
+        )
+        config = config_for(sizes, init.normalisation.scale_bqml, init.patch_size)
         return dataclasses.replace(
             config,
             autoencoder=init.autoencoder,

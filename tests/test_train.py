@@ -257,3 +257,16 @@ def test_the_autoencoder_kept_is_the_ema_of_its_weights(data, tmp_path) -> None:
     for key, value in kept.items():
         assert torch.equal(value, state[f"module.ae_ema.shadow.{key}"]), key
     assert int(state["module.ae_ema.updates"]) == 6  # one EMA update per autoencoder step
+
+
+def test_the_ct_encoder_follows_the_reused_autoencoder_not_this_runs_sizes(data, tmp_path) -> None:
+    first = train(_settings("ldm-p-ct", data, tmp_path / "ae", ae_steps=2, stage="ae"))
+    # A denoiser run that reuses that f = 2 autoencoder without repeating --ae-channels (default f = 4).
+    result = train(
+        _settings(
+            "ldm-p-ct", data, tmp_path / "dn", stage="denoiser", init=first.autoencoder_checkpoint,
+            denoiser_steps=2, ae_channels=(16, 32, 64),
+        )
+    )
+    config = load_model_config(result.checkpoint)
+    assert config.ct_encoder.channels == config.autoencoder.channels == (8, 8)
