@@ -10,8 +10,11 @@ makes them; never the test cases):
    the input and against the noiseless expectation, for the SPET and each LPET, on tiles of the
    training patch as the enhancer runs (GroupNorm makes whole-volume passes read worse than they are).
    The expectation column is the ceiling any denoiser on this autoencoder can reach.
-2. **Enhancement** (a denoiser stage state, scored with its EMA weights, or ``--checkpoint``): paper
-   PSNR/SSIM against the SPET and lesion SUVmax bias against the expectation, beside the LPET and the
+2. **Enhancement** (a denoiser stage state, scored with its EMA weights, or a ``--checkpoint`` of a
+   diffusion model or the supervised U-Net): paper
+   PSNR/SSIM against the SPET (and PSNR against the expectation: a model trained on LPET/SPET pairs
+   that share counts can score above the ceiling against the SPET alone) and lesion SUVmax bias
+   against the expectation, beside the LPET and the
    Gaussian filter tuned for that dose (``benchmarks/results/tuned_params.json``).
 
 Prints one line per row; writes nothing but a temporary checkpoint.
@@ -103,7 +106,7 @@ def enhancement(checkpoint: str, cases: list[Path], doses: list[float], steps: i
             "model": load_enhancer(checkpoint, device="cpu", dose_fraction=dose, steps=steps),
         }
         for name, method in methods.items():
-            psnr, ssim, bias, started = [], [], [], time.perf_counter()
+            psnr, ssim, psnr_exp, bias, started = [], [], [], [], time.perf_counter()
             for case in loaded:
                 lpet = lpet_at(case, dose)
                 if method is None:
@@ -114,10 +117,13 @@ def enhancement(checkpoint: str, cases: list[Path], doses: list[float], steps: i
                 against_spet = score_volume(out, case, "spet")
                 psnr.append(against_spet["psnr_paper"])
                 ssim.append(against_spet["ssim_paper"])
-                bias += [les["suvmax_bias"] for les in score_volume(out, case, "expectation")["lesions"]]
+                against_expectation = score_volume(out, case, "expectation")
+                psnr_exp.append(against_expectation["psnr_paper"])
+                bias += [les["suvmax_bias"] for les in against_expectation["lesions"]]
             seconds = (time.perf_counter() - started) / len(loaded)
             mean_bias = f"{100 * np.mean(bias):+.1f} %" if bias else "–"
             print(f"dose {dose:g} {name:17s} PSNR {np.mean(psnr):6.2f} dB  SSIM {np.mean(ssim):.4f}  "
+                  f"(vs expectation {np.mean(psnr_exp):6.2f} dB)  "
                   f"SUVmax bias {mean_bias} ({len(bias)} lesions)  {seconds:.0f} s/volume", flush=True)
 
 
@@ -147,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         if stage in ("denoiser", "done") and step > 0:
             checkpoint = str(Path(tempfile.mkdtemp()) / "validate.safetensors")
             save_checkpoint(checkpoint, model, model.config)
+    elif json.loads(args.checkpoint.with_suffix(".json").read_text()).get("kind") == "supervised":
+        model, checkpoint = None, str(args.checkpoint)  # no autoencoder: enhancement rows only
     else:
         model, checkpoint = load_checkpoint(args.checkpoint), str(args.checkpoint)
         if not model.config.training.get("denoiser", {}).get("steps"):
             checkpoint = None  # an autoencoder-stage file: fidelity only
-    if not args.no_ae:
+    if model is not None and not args.no_ae:
         autoencoder_fidelity(model, cases, doses)
     if checkpoint is not None:
         enhancement(checkpoint, cases, doses, args.steps)
