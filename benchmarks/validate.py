@@ -23,6 +23,7 @@ Prints one line per row; writes nothing but a temporary checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -152,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = None
         if stage in ("denoiser", "done") and step > 0:
             checkpoint = str(Path(tempfile.mkdtemp()) / "validate.safetensors")
-            save_checkpoint(checkpoint, model, model.config)
+            # Mid-training the config does not record denoiser steps yet; the loader wants them.
+            training = {**model.config.training, "denoiser": {"steps": step}}
+            save_checkpoint(checkpoint, model, dataclasses.replace(model.config, training=training))
     elif json.loads(args.checkpoint.with_suffix(".json").read_text()).get("kind") == "supervised":
         model, checkpoint = None, str(args.checkpoint)  # no autoencoder: enhancement rows only
     else:
