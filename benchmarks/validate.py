@@ -47,15 +47,20 @@ from model.tiling import Blender, gaussian_weights, tile_starts, tile_windows  #
 
 
 def _model_from_state(path: Path) -> tuple[UPETeModel, str, int]:
-    """The model of a training state, its denoiser replaced by the EMA weights once those exist."""
+    """The model of a training state with the EMA weights of the stage under way, where they exist."""
     meta = read_training_meta(path)
     model = UPETeModel(ModelConfig.from_json(meta["config"]))
     tensors = load_file(str(path), device="cpu")
-    model.load_state_dict({k[len("module.model."):]: v for k, v in tensors.items()
-                           if k.startswith("module.model.")}, strict=True)
+
+    def module(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(module("module.model."), strict=True)
+    ae_ema = module("module.ae_ema.shadow.")
+    if meta["stage"] == "ae" and ae_ema:
+        model.autoencoder.load_state_dict(ae_ema, strict=True)  # what the stage will keep (model/train.py)
     if meta["stage"] in ("denoiser", "done") and meta["step"] > 0:
-        model.diffusion.load_state_dict({k[len("module.ema.shadow."):]: v for k, v in tensors.items()
-                                         if k.startswith("module.ema.shadow.")}, strict=True)
+        model.diffusion.load_state_dict(module("module.ema.shadow."), strict=True)
     return model.eval(), meta["stage"], int(meta["step"])
 
 
