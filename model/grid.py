@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["array_image", "isotropic_reference", "resample_isotropic", "resample_onto"]
+__all__ = ["ModelGrid", "array_image", "isotropic_reference", "resample_isotropic", "resample_onto"]
 
 
 def array_image(array: np.ndarray, spacing_mm: Sequence[float]) -> sitk.Image:
@@ -50,3 +50,31 @@ def resample_isotropic(
         return np.asarray(array, dtype=np.float32)
     image = array_image(array, spacing_mm)
     return resample_onto(image, isotropic_reference(image, target_mm), default=default)
+
+
+class ModelGrid:
+    """One PET array's way onto the model's isotropic grid and back, shared by the model enhancers.
+
+    Where the array already has ``target_mm`` spacing the way is the identity (no interpolation).
+    """
+
+    def __init__(self, pet_bqml: np.ndarray, spacing_mm: Sequence[float], target_mm: float) -> None:
+        self.spacing_mm = tuple(float(s) for s in spacing_mm)
+        self.target_mm = float(target_mm)
+        self.image = array_image(pet_bqml, self.spacing_mm)
+        self.reference = isotropic_reference(self.image, self.target_mm)
+        self.same = all(abs(s - self.target_mm) < 1e-6 for s in self.spacing_mm)
+
+    def onto(self, array: np.ndarray, *, default: float) -> np.ndarray:
+        """``array`` (on the PET's grid) on the model's grid; ``default`` outside the PET's extent."""
+        if self.same:
+            return array
+        return resample_onto(array_image(array, self.spacing_mm), self.reference, default=default)
+
+    def back(self, array: np.ndarray) -> np.ndarray:
+        """An array on the model's grid back on the PET's grid (0 outside)."""
+        if self.same:
+            return array
+        image = array_image(array, (self.target_mm,) * 3)
+        image.SetOrigin(self.reference.GetOrigin())
+        return resample_onto(image, self.image, default=0.0)

@@ -22,7 +22,7 @@ import torch
 from model.checkpoint import load_checkpoint, weights_digest
 from model.diffusion import sampling_timesteps
 from model.enhance import Enhancer, EnhancerInfo, Progress
-from model.grid import array_image, isotropic_reference, resample_onto
+from model.grid import ModelGrid
 from model.network import UPETeModel
 from model.noise_level import noise_index
 from model.tiling import Blender, split_air, split_air_by_ct, tile_starts, tile_windows
@@ -242,18 +242,12 @@ class DiffusionEnhancer(Enhancer):
         started = time.perf_counter()
         if progress:
             progress(0.0, "resample")
-        target = self.config.spacing_mm
         pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
-        pet_image = array_image(pet_clean, spacing_mm)
-        reference = isotropic_reference(pet_image, target)
-        same_grid = all(abs(float(s) - target) < 1e-6 for s in spacing_mm)
-        pet_iso = pet_clean if same_grid else resample_onto(pet_image, reference, default=0.0)
+        grid = ModelGrid(pet_clean, spacing_mm, self.config.spacing_mm)
+        pet_iso = grid.onto(pet_clean, default=0.0)
         ct_iso = None
         if ct_hu is not None and self.model.diffusion.uses_ct:
-            ct32 = ct_hu.astype(np.float32)
-            ct_iso = (
-                ct32 if same_grid else resample_onto(array_image(ct32, spacing_mm), reference, default=AIR_HU)
-            )
+            ct_iso = grid.onto(ct_hu.astype(np.float32), default=AIR_HU)
         started = self._timed("resample", started)
 
         norm = self.config.normalisation
@@ -283,12 +277,7 @@ class DiffusionEnhancer(Enhancer):
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
         started = self._timed("normalise", started)
 
-        if same_grid:
-            out = out_iso
-        else:
-            out_image = array_image(out_iso, (target,) * 3)
-            out_image.SetOrigin(reference.GetOrigin())
-            out = resample_onto(out_image, pet_image, default=0.0)
+        out = grid.back(out_iso)
         # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
         out = np.clip(out, 0.0, None).astype(np.float32)
         self._timed("resample_back", started)

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from model.checkpoint import _atomic_save_tensors, _atomic_write_bytes, config_path, weights_digest
 from model.enhance import Enhancer, EnhancerInfo, Progress
-from model.grid import array_image, isotropic_reference, resample_onto
+from model.grid import ModelGrid
 from model.layers import Downsample, ResBlock, Upsample, check_levels, group_norm
 from model.tiling import Blender, gaussian_weights, pad_to_shape, split_air, tile_starts, tile_windows
 
@@ -283,20 +283,11 @@ class SupervisedEnhancer(Enhancer):
             raise ValueError(f"expected a (z, y, x) PET array, found shape {pet_bqml.shape}")
         if progress:
             progress(0.0, "resample")
-        target = self.config.spacing_mm
         pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
-        pet_image = array_image(pet_clean, spacing_mm)
-        reference = isotropic_reference(pet_image, target)
-        same_grid = all(abs(float(s) - target) < 1e-6 for s in spacing_mm)
-        pet_iso = pet_clean if same_grid else resample_onto(pet_image, reference, default=0.0)
+        grid = ModelGrid(pet_clean, spacing_mm, self.config.spacing_mm)
+        pet_iso = grid.onto(pet_clean, default=0.0)
         scale = self.config.scale_bqml
-        out_iso = self.run_tiles(pet_iso / scale, progress) * scale  # the exact inverse of the division
-        if same_grid:
-            out = out_iso
-        else:
-            out_image = array_image(out_iso, (target,) * 3)
-            out_image.SetOrigin(reference.GetOrigin())
-            out = resample_onto(out_image, pet_image, default=0.0)
+        out = grid.back(self.run_tiles(pet_iso / scale, progress) * scale)  # exact inverse of the division
         if progress:
             progress(1.0, "done")
         # Activity is non-negative (and uint16 DICOM cannot hold less); the residual can undershoot.
