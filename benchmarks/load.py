@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import PositronEmissionTomographyImageStorage  # noqa: E402
 
 from dicomnode.synthetic import StudyInfo, write_ct_series, write_pet_series  # noqa: E402
+from model.machine import machine_description  # noqa: E402
 from tests.conftest import require_tool  # noqa: E402
 from tests.nodeutil import (  # noqa: E402
     NodeProcess,
@@ -204,15 +204,6 @@ def _check(studies: list[Study], db: Path, pacs: StoreSCP) -> None:
         assert len({str(ds.SOPInstanceUID) for ds in instances}) == len(study.pet_paths)
 
 
-def _machine() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )
-    return f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=8, help="concurrent associations, one study each")
@@ -246,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/load.py', *command])}`  ",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
-        f"Machine: {_machine()}  ",
+        f"Machine: {machine_description()}  ",
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; after: "
         f"{', '.join(f'{v:.2f}' for v in load_after)} (the CPU was shared with a model training job)",
         "",

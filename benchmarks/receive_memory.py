@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from dicomnode.synthetic import StudyInfo, write_ct_series  # noqa: E402
+from model.machine import machine_description  # noqa: E402
 from tests.nodeutil import NodeProcess, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "receive_memory.md"
@@ -121,15 +121,6 @@ def measure(count: int, files: list[Path], mode: str, work: Path) -> dict[str, f
     }
 
 
-def _machine() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )
-    return f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,400,1000", help="slices per series (default 100,400,1000)")
@@ -166,7 +157,7 @@ def _write(out: Path, rows: list[dict], argv: list[str], load_before: tuple, loa
         "",
         f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/receive_memory.py', *argv])}`  ",
         f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}  ",
-        f"Machine: {_machine()}  ",
+        f"Machine: {machine_description()}  ",
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
         f"after: {', '.join(f'{v:.2f}' for v in load_after)} (the CPU was shared with other work)",
         "",

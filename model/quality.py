@@ -19,6 +19,7 @@ from typing import Any
 
 from model.baselines import METHODS, make_baseline
 from model.evaluate import EvalResults, MethodLike, PerDose, as_eval_case, evaluate, summarise
+from model.machine import machine_description
 from model.report import markdown_report, plot_lesion_bias_vs_dose, plot_panels, plot_psnr_vs_dose, write_json
 
 __all__ = [
@@ -38,25 +39,6 @@ Sections = Callable[[EvalResults, dict[str, Any]], tuple[list[str], dict[str, An
 LABELS = {
     "lpet": "LPET", "gaussian": "Gaussian", "nlm": "NLM", "bm4d": "BM4D", "bilateral": "CT bilateral",
 }
-
-
-def machine_description() -> str:
-    """CPU model, core count and Python/NumPy versions, for a report's header (timings depend on them)."""
-    import os
-    import platform
-
-    import numpy as np
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPU core(s) visible, Python {platform.python_version()}, "
-            f"NumPy {np.__version__}")
 
 
 def available_baselines(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
