@@ -8,6 +8,9 @@ The issue #6 report (trained checkpoints, each with its JSON beside it):
         --checkpoint LDM-CT.safetensors --checkpoint LDM-P-CT.safetensors \
         --checkpoint supervised-unet.safetensors --holdout-cases 10 --steps-curve 5,10,20,50 --quiet
 
+LDM, LDM-P and LDM-CT are scored at the table dose only (``--ablation-doses``, default 0.1); uPETe and
+the supervised U-Net at every dose.
+
 1. Simulates what is missing (model.dataset): validation cases with seeds 100000+ and test cases with
    seeds 200000+ (training seeds start at 0, so none overlap), each with its own reconstruction drawn
    from the standard pool (``--holdout-recons``: from the reconstructions held out of training).
@@ -72,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-curve", default="", metavar="N,N,...",
                    help="LDM-P-CT at these sampler steps on the validation cases (e.g. 5,10,20,50)")
     p.add_argument("--steps-doses", default="0.1", help="doses of the steps curve (default 0.1)")
+    p.add_argument("--ablation-doses", default="0.1", metavar="D,D,...|all",
+                   help="doses at which LDM, LDM-P and LDM-CT are scored (default 0.1, the paper's table "
+                   "dose: each diffusion run costs minutes on a CPU); uPETe and the supervised U-Net are "
+                   "scored at every dose; 'all': every model at every dose")
+    p.add_argument("--steps-cases", type=int, default=0,
+                   help="validation cases of the steps curve (default 0: all --val-cases)")
     p.add_argument("--device", default="auto", help="torch device for the models (default auto)")
     p.add_argument("--enhancer", action="append", default=[], metavar="NAME=SPEC",
                    help="any enhancer load_enhancer() builds (e.g. unet=weights/unet.safetensors); "
@@ -147,6 +156,20 @@ def _extra_methods(items: list[str]) -> dict:
     return extra
 
 
+def _split_models(models: list, ablation_doses: str, device: str) -> tuple[list, dict]:
+    """(models scored at every dose, {key: method} of the ablation-only variants at their doses)."""
+    from model.quality import checkpoint_method
+    from model.quality_models import SUPERVISED, UPETE
+
+    if ablation_doses.strip().lower() == "all":
+        return models, {}
+    doses = _floats(ablation_doses)
+    everywhere = [m for m in models if m.variant in (UPETE, SUPERVISED)]
+    only = {m.key: checkpoint_method(m.path, device=device, doses=doses)
+            for m in models if m.variant not in (UPETE, SUPERVISED)}
+    return everywhere, only
+
+
 def _seeded(folder: Path, seeds: list[int]) -> list[Path]:
     from model.dataset import list_cases
 
@@ -171,7 +194,8 @@ def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: P
         if upete is None:
             raise ValueError("--steps-curve needs an LDM-P-CT checkpoint (--checkpoint or --models)")
         counts = [int(v) for v in args.steps_curve.split(",") if v.strip()]
-        steps = score_steps(upete, counts, val, _floats(args.steps_doses), cache_dir=data / "cache",
+        curve_cases = val[: args.steps_cases] if args.steps_cases else val
+        steps = score_steps(upete, counts, curve_cases, _floats(args.steps_doses), cache_dir=data / "cache",
                             device=args.device, progress=not args.quiet)
     return holdout, steps
 
@@ -196,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         models = find_checkpoints([*args.checkpoint, *args.models])
-        extra = _extra_methods(args.enhancer)
+        everywhere, ablation_only = _split_models(models, args.ablation_doses, args.device)
+        extra = {**ablation_only, **_extra_methods(args.enhancer)}
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -240,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": "per dose on the validation cases' "
                   + (f"central {args.tune_slices} slices" if args.tune_slices else "slices, all of them"),
         **training_header(models),
+        **({"ablation variants": f"{', '.join(m.label for m in models if m.key in ablation_only)} scored at "
+            f"{', '.join(f'{100 * d:g} %' for d in _floats(args.ablation_doses))} only (--ablation-doses)"}
+           if ablation_only else {}),
         **{f"note {i + 1}" if len(args.note) > 1 else "note": n for i, n in enumerate(args.note)},
     }
     labels = {m.key: m.label for m in models}
@@ -250,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results, summary = run_quality(
         test, Path(args.out), methods=methods, doses=doses, val_cases=val,
-        checkpoints=[m.path for m in models], extra_methods=extra, header=header,
+        checkpoints=[m.path for m in everywhere], extra_methods=extra, header=header,
         cache_dir=data / "cache", tune_slices=args.tune_slices or None, progress=not args.quiet,
         title=models_title(models), labels=labels, sections=sections if models else None,
     )

@@ -51,11 +51,21 @@ OneMethod = Enhancer | VolumeFn
 
 
 class PerDose:
-    """A method whose instance depends on the dose: ``factory(dose) → Enhancer or callable``, cached."""
+    """A method whose instance depends on the dose: ``factory(dose) → Enhancer or callable``, cached.
 
-    def __init__(self, factory: Callable[[float], OneMethod]) -> None:
+    ``doses``, when given, are the only doses it is run at (e.g. the ablation variants, scored at the
+    paper's table dose only: each diffusion run costs minutes on a CPU); None: every dose.
+    """
+
+    def __init__(
+        self, factory: Callable[[float], OneMethod], *, doses: Sequence[float] | None = None
+    ) -> None:
         self._factory = factory
         self._built: dict[float, OneMethod] = {}
+        self.doses = None if doses is None else tuple(float(d) for d in doses)
+
+    def covers(self, dose: float) -> bool:
+        return self.doses is None or any(abs(d - dose) < 1e-9 for d in self.doses)
 
     def at(self, dose: float) -> OneMethod:
         if dose not in self._built:
@@ -334,7 +344,10 @@ def evaluate(
     references: dict[str, dict[str, Any]] = {}
     slices: dict[str, dict[str, np.ndarray]] = {}
     figure_id = None
-    total = len(cases) * len(doses) * len(all_methods)
+    def runs(dose: float) -> dict[str, MethodLike]:
+        return {n: m for n, m in all_methods.items() if not isinstance(m, PerDose) or m.covers(dose)}
+
+    total = len(cases) * sum(len(runs(d)) for d in doses)
     bar = tqdm(total=total, desc="evaluate", unit="run", disable=not progress)
     for index, case in enumerate(_cases(cases)):
         keep = figure_case is not None and index == figure_case
@@ -347,7 +360,7 @@ def evaluate(
         references[case.case_id] = _reference_rows(case, cache)
         for dose in doses:
             lpet = lpet_at(case, dose)
-            for name, method_like in all_methods.items():
+            for name, method_like in runs(dose).items():
                 method = _resolve(method_like, dose)
                 version = _version(method, name)
                 record = cache.get(case.case_id, dose, name, version)

@@ -142,9 +142,12 @@ def build_methods(
     return methods
 
 
-def checkpoint_method(path: Path, *, device: str = "auto", steps: int | None = None) -> PerDose:
+def checkpoint_method(
+    path: Path, *, device: str = "auto", steps: int | None = None, doses: Sequence[float] | None = None
+) -> PerDose:
     """A checkpoint as a method, loaded once per dose through :func:`model.enhance.load_enhancer`
-    (the diffusion model's t* depends on the dose; ``steps`` None = the checkpoint's default)."""
+    (the diffusion model's t* depends on the dose; ``steps`` None = the checkpoint's default;
+    ``doses`` None = run at every dose, else only at these)."""
     from model.enhance import load_enhancer
 
     def factory(dose: float) -> MethodLike:
@@ -155,7 +158,7 @@ def checkpoint_method(path: Path, *, device: str = "auto", steps: int | None = N
             enhancer.params = {"steps": enhancer.steps}
         return enhancer
 
-    return PerDose(factory)
+    return PerDose(factory, doses=doses)
 
 
 def _figure_case(cases: Sequence[Any]) -> int:

@@ -284,7 +284,14 @@ def test_quality_benchmark_with_models(
                     "**Recommended sampler steps: "):
         assert verdict in text, verdict
     assert "![steps_curve](steps_curve.png)" in text and (out / "steps_curve.png").stat().st_size > 5000
-    _check_json_verdicts(json.loads((out / "quality.json").read_text()))
+    assert "- **ablation variants**: LDM, LDM-P, LDM-CT scored at 10 % only (--ablation-doses)" in text
+    data = json.loads((out / "quality.json").read_text())
+    # The ablation variants cost minutes per run on a CPU: scored at the table dose only by default.
+    at_half = data["summary"]["per_dose"]["0.5"]
+    assert {"tiny-ldm-p-ct", "supervised-unet"} <= set(at_half)
+    assert not {"tiny-ldm", "tiny-ldm-p", "tiny-ldm-ct"} & set(at_half)
+    assert {f"tiny-{v}" for v in VARIANTS} <= set(data["summary"]["per_dose"]["0.1"])
+    _check_json_verdicts(data)
 
 
 def _check_json_verdicts(data: dict) -> None:
