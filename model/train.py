@@ -105,6 +105,7 @@ class _Run:
         self.out = Path(settings.out_dir)
         self.state_path = self.out / STATE_NAME
         self.t_start = time.monotonic()
+        self.seconds_before = 0.0  # training time of earlier invocations (from the state)
         self.losses: dict[str, list[float]] = {"ae": [], "denoiser": []}
 
         self.cases = load_cases(
@@ -212,6 +213,7 @@ class _Run:
         )
         self.meta = {"stage": meta["stage"], "step": meta["step"]}
         self.losses = meta.get("losses", self.losses)
+        self.seconds_before = float(meta.get("seconds", 0.0))
         if self.dist.main:
             if "torch_cpu" in rng:
                 torch.set_rng_state(rng["torch_cpu"])
@@ -236,11 +238,16 @@ class _Run:
                 "config": self.config.to_json(),
                 "numpy_rng": self.rng.bit_generator.state,
                 "losses": self.losses,
+                "seconds": self._seconds(),
             }
             save_training_state(
                 self.state_path, modules=self._modules(), optimizers=self._optimizers(), meta=meta, rng=rng
             )
         self.dist.barrier()
+
+    def _seconds(self) -> float:
+        """Wall time of this run so far, over every invocation that resumed it."""
+        return round(self.seconds_before + time.monotonic() - self.t_start, 1)
 
     def _maybe_save(self, last_save: float) -> float:
         if time.monotonic() - last_save >= self.s.checkpoint_every_s:
@@ -422,7 +429,7 @@ class _Run:
 
         training = dict(self.config.training)
         training["denoiser"] = self._summary(steps=denoiser_steps)
-        training["seconds"] = round(time.monotonic() - self.t_start, 1)
+        training["seconds"] = self._seconds()
         return dataclasses.replace(self.config, training=training, software_version=__version__)
 
     def finish(self) -> Path | None:

@@ -239,12 +239,13 @@ def train_supervised(
     model = SupervisedUNet(config).to(device)
     ema = Ema(model, settings.ema_decay).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    start, losses = 0, []
+    start, losses, seconds_before = 0, [], 0.0
     if resumed:
         meta, rng_state = load_training_state(
             state_path, modules={"model": model, "ema": ema}, optimizers={"adam": optimizer}
         )
         start, losses = int(meta["step"]), list(meta.get("losses", []))
+        seconds_before = float(meta.get("seconds", 0.0))  # earlier invocations' training time
         if "torch_cpu" in rng_state:
             torch.set_rng_state(rng_state["torch_cpu"])
         rng.bit_generator.state = meta["numpy_rng"]
@@ -257,6 +258,7 @@ def train_supervised(
             "config": config.to_json(),
             "numpy_rng": rng.bit_generator.state,
             "losses": losses,
+            "seconds": round(seconds_before + time.monotonic() - started, 1),
         }
         save_training_state(
             state_path,
@@ -302,7 +304,7 @@ def train_supervised(
         model,
         steps=settings.steps,
         final_loss=round(float(np.mean(recent)), 6) if recent else None,
-        seconds=round(time.monotonic() - started, 1),
+        seconds=round(seconds_before + time.monotonic() - started, 1),
     )
     final = dataclasses.replace(config, training=training, software_version=__version__)
     # The shipped weights are the EMA's: smoother and better than the last step's.

@@ -222,12 +222,16 @@ def test_training_resumes_where_it_stopped(tmp_path) -> None:
     common = dict(data_dir=tmp_path / "data", out_dir=tmp_path / "out", batch_size=2, log_every_s=0.0,
                   device="cpu", **TINY)  # fmt: skip
     first = train_supervised(SupervisedSettings(steps=3, **common))
+    first_seconds = json.loads(first.checkpoint.with_suffix(".json").read_text())["training"]["seconds"]
     steps: list[int] = []
     second = train_supervised(
         SupervisedSettings(steps=5, resume=True, **common), on_step=lambda step, loss: steps.append(step)
     )
     assert steps == [4, 5]
     assert second.losses[:3] == first.losses and len(second.losses) == 5
+    # The training time reported counts both invocations.
+    second_seconds = json.loads(second.checkpoint.with_suffix(".json").read_text())["training"]["seconds"]
+    assert second_seconds > first_seconds > 0
     # The same five steps in one go give the same losses: the RNG streams came back with the state.
     again = train_supervised(SupervisedSettings(**{**common, "out_dir": tmp_path / "once"}, steps=5))
     np.testing.assert_allclose(again.losses, second.losses, rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,8 @@ def test_poisson_ct_variant_calibrates_its_noise_curve(data, tmp_path) -> None:
 
 def test_training_resumes_where_it_stopped(data, tmp_path) -> None:
     train(_settings("ldm", data, tmp_path, ae_steps=4, denoiser_steps=0, stage="ae"))
-    assert read_training_meta(tmp_path / "train_state.safetensors")["stage"] == "denoiser"
+    first = read_training_meta(tmp_path / "train_state.safetensors")
+    assert first["stage"] == "denoiser" and first["seconds"] > 0
     steps: list[tuple[str, int]] = []
     result = train(
         _settings("ldm", data, tmp_path, ae_steps=4, denoiser_steps=5, resume=True),
@@ -83,6 +86,9 @@ def test_training_resumes_where_it_stopped(data, tmp_path) -> None:
     )
     assert steps == [("denoiser", k) for k in range(1, 6)]  # the autoencoder was not trained again
     assert len(result.losses["ae"]) == 4  # the losses of the first run came back with the state
+    # The training time reported counts every invocation, not only the one that finished.
+    config = json.loads(result.checkpoint.with_suffix(".json").read_text())
+    assert config["training"]["seconds"] > first["seconds"]
     # Interrupted in the middle of a stage: resume continues from the saved step.
     out2 = tmp_path / "again"
     train(_settings("ldm", data, out2, ae_steps=3, denoiser_steps=0, stage="ae"))
