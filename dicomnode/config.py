@@ -186,7 +186,8 @@ class ModelSettings(_Section):
     # Used for studies without a usable CT when the main model needs one (PET-only variant).
     checkpoint_without_ct: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    steps: int = Field(20, ge=1, le=1000)
+    # null: the checkpoint's own default (the shipped models': chosen from the steps-vs-quality curve).
+    steps: int | None = Field(None, ge=1, le=1000)
     # Known dose fraction of the low-dose acquisition (0 < d <= 1); null = estimate from the image.
     dose_fraction: float | None = Field(None, gt=0, le=1)
     seed: int = 0
