@@ -25,6 +25,7 @@ from model.enhance import Enhancer, EnhancerInfo, Progress
 from model.grid import ModelGrid
 from model.network import UPETeModel
 from model.noise_level import noise_index
+from model.quantitation import preserve_local_mean
 from model.tiling import Blender, split_air, split_air_by_ct, tile_starts, tile_windows
 from model.tiling import gaussian_weights as _gaussian_weights
 from model.tiling import pad_to_shape as _pad
@@ -107,6 +108,8 @@ class DiffusionEnhancer(Enhancer):
             version=version,
             description=(
                 f"uPETe {variant.label} latent diffusion (SPET-only), {self.steps} steps, model {version}"
+                + (f", LPET local mean kept at {config.sampler.local_mean_fwhm_mm:g} mm"
+                   if config.sampler.local_mean_fwhm_mm > 0 else "")
             ),
             uses_ct=variant.uses_ct,
             requires_ct=variant.uses_ct,
@@ -275,6 +278,11 @@ class DiffusionEnhancer(Enhancer):
         out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress)
         started = time.perf_counter()
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
+        if self.config.sampler.local_mean_fwhm_mm > 0:
+            out_iso = preserve_local_mean(
+                out_iso, pet_iso, fwhm_mm=self.config.sampler.local_mean_fwhm_mm,
+                spacing_mm=(self.config.spacing_mm,) * 3,
+            )
         started = self._timed("normalise", started)
 
         out = grid.back(out_iso)

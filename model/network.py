@@ -62,12 +62,17 @@ class SamplerConfig:
     renoise_ratio: float = 1.0  # Gaussian variants: injected variance / LPET latent variance
     tile_overlap: float = 0.25  # fraction of the training patch shared by neighbouring tiles
     tile_batch: int = 2  # tiles per forward pass
+    # > 0: the output keeps the LPET's local mean activity at this scale (model/quantitation.py);
+    # 0: the paper's sampler output as it is.
+    local_mean_fwhm_mm: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"sampler steps must be ≥ 1, found {self.steps}")
         if not 0 <= self.tile_overlap < 1:
             raise ValueError(f"tile_overlap must be in [0, 1), found {self.tile_overlap}")
+        if self.local_mean_fwhm_mm < 0:
+            raise ValueError(f"local_mean_fwhm_mm must be ≥ 0, found {self.local_mean_fwhm_mm}")
         if self.tile_batch < 1 or self.renoise_ratio < 0:
             raise ValueError(
                 f"tile_batch ({self.tile_batch}) must be ≥ 1 and renoise_ratio ({self.renoise_ratio}) ≥ 0"

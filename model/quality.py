@@ -156,6 +156,9 @@ def checkpoint_method(
             # The weights digest alone is the cache version: without the steps in it, a score at one
             # step count would be taken for another's.
             enhancer.params = {"steps": enhancer.steps}
+            local_mean = enhancer.config.sampler.local_mean_fwhm_mm
+            if local_mean:  # a JSON-only setting: it must be in the cache version too
+                enhancer.params["local_mean_fwhm_mm"] = local_mean
         return enhancer
 
     return PerDose(factory, doses=doses)

@@ -136,3 +136,31 @@ def test_tiles_of_pure_air_are_not_run_through_the_model(tmp_path, monkeypatch: 
     out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
     assert sum(calls) < len(tile_starts(96, 32, 0.25))  # the air tiles were skipped
     assert np.all(out[:, :, 72:] == 0)
+
+
+def test_local_mean_setting_keeps_the_lpets_activity_at_that_scale(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy import ndimage
+
+    from model.network import SamplerConfig
+
+    path = tiny_checkpoint(tmp_path, "ldm-p", sampler=SamplerConfig(steps=2, local_mean_fwhm_mm=20.0))
+    enhancer = load_enhancer(str(path), device="cpu")
+    assert "local mean kept at 20 mm" in enhancer.info.description
+
+    def drifting(x, ct, t_poisson, progress):  # a "model" that raises the hot half by 30 %
+        out = x.copy()
+        out[:, :, x.shape[2] // 2 :] *= 1.3
+        return out
+
+    monkeypatch.setattr(enhancer, "_run_tiles", drifting)
+    pet, _ = tiny_phantom(0, (24, 48, 48))
+    out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    sigma = 20.0 / 2.3548 / 2.0
+    local = ndimage.gaussian_filter(out, sigma, mode="nearest", truncate=3.0)
+    expected = ndimage.gaussian_filter(pet, sigma, mode="nearest", truncate=3.0)
+    body = expected > 0.2 * expected.max()
+    np.testing.assert_allclose(local[body], expected[body], rtol=0.05)
+    drift = drifting(pet, None, 0.0, None)
+    assert np.abs(out - pet)[body].mean() < 0.25 * np.abs(drift - pet)[body].mean()
