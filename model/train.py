@@ -471,6 +471,8 @@ def train(
             return TrainResult(None, ae_path if ae_path.is_file() else None, run.losses)
         if stage == "ae":
             raise ValueError("the autoencoder is not trained yet: run --stage ae or both first")
+        if stage == "done" and settings.resume and run.meta["step"] < settings.denoiser_steps:
+            run.meta["stage"] = stage = "denoiser"  # a finished run extended to more steps
         if stage == "denoiser":
             run.train_denoiser()
         checkpoint = run.finish()

@@ -98,6 +98,13 @@ def test_training_resumes_where_it_stopped(data, tmp_path) -> None:
         on_step=lambda *a: steps.append(a[:2]),
     )
     assert steps == [("denoiser", 1), ("denoiser", 2)]
+    # A finished run resumed with more steps continues where it ended.
+    steps.clear()
+    train(
+        _settings("ldm", data, out2, ae_steps=3, denoiser_steps=4, resume=True),
+        on_step=lambda *a: steps.append(a[:2]),
+    )
+    assert steps == [("denoiser", 3), ("denoiser", 4)]
 
 
 def test_denoiser_stage_needs_a_trained_autoencoder(data, tmp_path) -> None:
