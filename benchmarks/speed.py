@@ -1,6 +1,6 @@
 """Wall time of the `upete enhance` path by stage, peak RSS (and on CUDA GPU time and memory).
 
-    .venv/bin/python benchmarks/speed.py [--checkpoint F] [--shape 160,256,256] [--steps 20]
+    .venv/bin/python benchmarks/speed.py [--checkpoint F] [--shape 160,256,256] [--steps N]
         [--threads N] [--device cpu|cuda|auto] [--work DIR] [--verify-shape 32,96,96] [--no-ratio]
 
 Data: one simulated case (``model.dataset.simulate_case``, 10 % dose, MLEM) of ``--shape`` voxels at
@@ -10,8 +10,9 @@ skips the simulation. The measured run is a child process (so its peak RSS is th
 alone) doing what ``upete enhance`` does: load the model, :func:`dicomnode.pipeline.enhance_series`
 (read DICOM → CT onto the PET grid → enhancer → write DICOM), the enhancer reporting its own stages.
 
-Without ``--checkpoint`` (no model is shipped yet) it builds a **randomly initialised** checkpoint of
-the planned shipped architecture: speed does not depend on weight values.
+Without ``--checkpoint`` it measures the shipped uPETe model (``model/weights/upete-ldm-p-ct``) with
+its default sampler steps; where no model ships it builds a **randomly initialised** checkpoint of the
+planned architecture (speed does not depend on weight values).
 
 ``--verify-shape``: the optimised inference settings against the unoptimised ones (tiles of 2, no
 CT-air skip) on a crop of the same case, same model: max |difference| / dynamic range and PSNR of
@@ -160,8 +161,10 @@ def run_child(
     args: argparse.Namespace, case: dict, checkpoint: Path, settings: dict
 ) -> tuple[dict, list[str]]:
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", "--checkpoint", str(checkpoint),
-               "--pet", case["pet"], "--ct", case["ct"], "--steps", str(args.steps), "--threads",
+               "--pet", case["pet"], "--ct", case["ct"], "--threads",
                str(args.threads), "--device", args.device, "--settings", json.dumps(settings)]
+    if args.steps is not None:
+        command += ["--steps", str(args.steps)]
     if args.dose_fraction is not None:
         command += ["--dose-fraction", str(args.dose_fraction)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="model .safetensors (default: shipped model, else random init)")
     parser.add_argument("--shape", default="160,256,256", help="PET voxels z,y,x at 2 mm")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--dose-fraction", type=float, default=0.1,
                         help="model.dose_fraction (the case is simulated at 10 %%; 0 = estimate from noise)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -354,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     shape = tuple(int(v) for v in args.shape.split(","))
     case = make_case(work, shape)  # type: ignore[arg-type]
-    shipped = sorted((ROOT / "model" / "weights").glob("*.safetensors"))
+    shipped = ROOT / "model" / "weights" / "upete-ldm-p-ct.safetensors"
     if args.checkpoint:
         checkpoint, model = Path(args.checkpoint), f"checkpoint {Path(args.checkpoint).name}"
-    elif shipped:
-        checkpoint, model = shipped[0], f"shipped model {shipped[0].name}"
+    elif shipped.is_file():
+        checkpoint, model = shipped, f"shipped model {shipped.name}"
     else:
         checkpoint = random_checkpoint(work)
         model = ("**randomly initialised** checkpoint of the planned shipped architecture (LDM-P-CT, "
