@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["preserve_local_mean"]
+from model.filters import FWHM_PER_SIGMA
 
-_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+__all__ = ["preserve_local_mean"]
 
 
 def preserve_local_mean(
@@ -30,7 +30,7 @@ def preserve_local_mean(
         raise ValueError(f"shapes differ: estimate {estimate.shape}, reference {reference.shape}")
     if fwhm_mm <= 0:
         raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
-    sigma = [fwhm_mm / _FWHM_PER_SIGMA / s for s in spacing_mm]
+    sigma = [fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
     est = np.clip(estimate.astype(np.float32, copy=False), 0.0, None)
     ref = np.clip(reference.astype(np.float32, copy=False), 0.0, None)
     g_est = ndimage.gaussian_filter(est, sigma, mode="nearest", truncate=3.0)
