@@ -1,7 +1,7 @@
 """End-to-end latency: last instance of a study in → derived series stored at a DCMTK storescp.
 
     .venv/bin/python benchmarks/latency.py [--checkpoint F] [--shape 48,128,128] [--repeat 3]
-        [--series-timeout 2] [--steps 20]
+        [--series-timeout 2] [--steps N]
 
 A small simulated PET/CT study (PET ``--shape`` at 2 mm, CT at 1 mm in-plane, CT sent first) goes
 from DCMTK ``storescu`` to ``upete serve`` in one association; the node enhances it
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="48,128,128", help="PET voxels z,y,x at 2 mm")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--series-timeout", type=float, default=2.0, help="assembly.series_timeout_s")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--checkpoint-repeat", type=int, default=1, help="runs with --checkpoint")
     parser.add_argument("--node-threads", type=int, help="OMP_NUM_THREADS of the node (torch threads)")
     parser.add_argument("--note", action="append", default=[])
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# End-to-end latency (issue #8)", "",
         f"Command: `{command}`", "",
-        f"{os.cpu_count()} cores; load average before {load_before}, after {report['load_after']} (shared "
-        f"with a training run); {report['date']}. Study: PET {shape[1]}×{shape[2]}×{shape[0]} at 2 mm + CT "
+        f"{os.cpu_count()} cores; load average before {load_before}, after {report['load_after']} (a "
+        f"shared machine: other jobs add to the load); {report['date']}. "
+        f"Study: PET {shape[1]}×{shape[2]}×{shape[0]} at 2 mm + CT "
         f"1 mm in-plane ({2 * shape[0]} files), one association; assembly.series_timeout_s = "
         f"{args.series_timeout:g}; destination DCMTK storescp on loopback; node torch threads "
         f"{args.node_threads or 'default'}.", "",

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Receive rate: the node vs DCMTK storescp (issue #8)", "",
         f"Command: `{report['command']}`", "",
         f"Machine: {m['cores']} cores ({m['cpu']}); load average before {m['load_before']}, after "
-        f"{m['load_after']} (shared with a training run); {report['date']}.", "",
+        f"{m['load_after']} (a shared machine: other jobs add to the load); {report['date']}.", "",
         f"{args.slices} CT slices of 512×512 ({mb:.0f} MB), one association each, DCMTK storescu with "
         f"TCP_NODELAY=1; runs alternate, {args.repeat} of each, median shown.", "",
         "| receiver | seconds (each run) | instances/s (median) |", "|---|---|---:|",

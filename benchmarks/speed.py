@@ -268,7 +268,7 @@ def write_report(report: dict, name: str = "speed") -> Path:
         f"Command: `{report['command']}`", "",
         f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; torch {m['torch']}, "
         f"{m['torch_threads']} torch thread(s); load average before {report['load_before']}, after "
-        f"{m['load_average']} (shared with a training run); {m['date']}.", "",
+        f"{m['load_average']} (a shared machine: other jobs add to the load); {m['date']}.", "",
         f"Volume: PET {report['shape'][1]}×{report['shape'][2]}×{report['shape'][0]} at 2 mm (simulated, "
         "10 % dose, MLEM), CT 1 mm in-plane; "
         f"model: {report['model']}; {run['steps']} sampling steps (t* = {run['sampling'].get('t_start')} "
