@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 
-from tests.nodeutil import NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
+from tests.support.nodeutil import NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("quiet", "queue", "enhance", "send", "arrival")
@@ -43,8 +43,8 @@ def make_study(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     """A fresh study (new UIDs) of a smooth body-like phantom: CT files first, then PET."""
     from scipy import ndimage
 
-    from dicomnode.synthetic import StudyInfo, write_ct_series, write_pet_series
-    from tests.model_toys import tiny_phantom
+    from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
+    from tests.support.model_toys import tiny_phantom
 
     pet, ct = tiny_phantom(0, shape)
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@
                                         [--ct-slices 96] [--ct-size 256]
 
 Each of N DCMTK ``storescu`` processes (one association each, started ``--stagger-s`` apart) sends its own
-synthetic study (dicomnode.synthetic: CT series then PET series, distinct Study/Series/SOP UIDs) to a
+synthetic study (dicomnode.testing.scanner: CT series then PET series, distinct Study/Series/SOP UIDs) to a
 node running the ``classical:gaussian`` model, whose destination is DCMTK ``storescp``. A study's
 PET is complete as soon as its NumberOfSlices instances are in, so the first jobs run while the other
 associations are still sending. Checked, then recorded in benchmarks/results/load.md:
@@ -16,7 +16,7 @@ associations are still sending. Checked, then recorded in benchmarks/results/loa
 - throughput (instances/s from the first association's start to the last one's end) and the node's
   peak RSS over the whole run (VmHWM, reset just before sending).
 
-tests/test_load.py runs the same check on 4 small studies.
+tests/system/test_load.py runs the same check on 4 small studies.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import PositronEmissionTomographyImageStorage  # noqa: E402
 
-from dicomnode.synthetic import StudyInfo, write_ct_series, write_pet_series  # noqa: E402
-from model.machine import machine_description  # noqa: E402
+from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series  # noqa: E402
+from model.evaluation.machine import machine_description  # noqa: E402
 from tests.conftest import require_tool  # noqa: E402
-from tests.nodeutil import (  # noqa: E402
+from tests.support.nodeutil import (  # noqa: E402
     NodeProcess,
     StoreSCP,
     db_rows,

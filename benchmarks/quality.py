@@ -103,7 +103,7 @@ def _simulate_missing(
     """Simulate and save the cases of ``seeds`` not yet complete in ``folder``; returns seconds spent."""
     from tqdm import tqdm
 
-    from model.dataset import HOLDOUT_RECONS, list_cases, recon_for_case, save_case, simulate_case
+    from model.simulation.dataset import HOLDOUT_RECONS, list_cases, recon_for_case, save_case, simulate_case
 
     done = {p.name for p in list_cases(folder)}
     todo = [s for s in seeds if f"case_{s}" not in done]
@@ -145,7 +145,7 @@ def _command_line(argv: list[str]) -> str:
 def _extra_methods(items: list[str]) -> dict:
     """``--enhancer NAME=SPEC`` → {name: PerDose}; raises ValueError on a malformed item."""
     from model.enhance import load_enhancer
-    from model.evaluate import PerDose
+    from model.evaluation.evaluate import PerDose
 
     extra = {}
     for item in items:
@@ -158,8 +158,8 @@ def _extra_methods(items: list[str]) -> dict:
 
 def _split_models(models: list, ablation_doses: str, device: str) -> tuple[list, dict]:
     """(models scored at every dose, {key: method} of the ablation-only variants at their doses)."""
-    from model.quality import checkpoint_method
-    from model.quality_models import SUPERVISED, UPETE
+    from model.evaluation.quality import checkpoint_method
+    from model.evaluation.trained_models import SUPERVISED, UPETE
 
     if ablation_doses.strip().lower() == "all":
         return models, {}
@@ -171,15 +171,15 @@ def _split_models(models: list, ablation_doses: str, device: str) -> tuple[list,
 
 
 def _seeded(folder: Path, seeds: list[int]) -> list[Path]:
-    from model.dataset import list_cases
+    from model.simulation.dataset import list_cases
 
     return [p for p in list_cases(folder) if int(p.name.split("_")[1]) in seeds]
 
 
 def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: Path) -> tuple:
     """The held-out-reconstruction summary and the steps curve, when asked for (None otherwise)."""
-    from model.quality_models import UPETE
-    from model.quality_paper import score_holdout, score_steps
+    from model.evaluation.paper import score_holdout, score_steps
+    from model.evaluation.trained_models import UPETE
 
     holdout = steps = None
     if args.holdout_cases:
@@ -202,10 +202,10 @@ def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: P
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from model.baselines import METHODS
-    from model.quality import LABELS, machine_description, run_quality
-    from model.quality_models import find_checkpoints, models_title, training_header
-    from model.quality_paper import paper_sections
+    from model.enhancers.classical import METHODS
+    from model.evaluation.paper import paper_sections
+    from model.evaluation.quality import LABELS, machine_description, run_quality
+    from model.evaluation.trained_models import find_checkpoints, models_title, training_header
 
     shape = args.shape_zyx = tuple(int(v) for v in args.shape.split(","))
     doses = _floats(args.doses)
@@ -250,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                     "test seeds 200000+, validation seeds 100000+"
                     + (", held-out-reconstruction test seeds 300000+" if args.holdout_cases else "")
                     + " (training uses seeds from 0)",
-        "simulation": "model.dataset.simulate_case: resolution 4 mm, CT attenuation, Poisson counts at "
-                      "standard dose, every dose a binomial thinning of that acquisition (LPET and SPET "
-                      "share counts, as list-mode subsampling does); reconstruction per case "
+        "simulation": "model.simulation.dataset.simulate_case: resolution 4 mm, CT attenuation, "
+                      "Poisson counts at standard dose, every dose a binomial thinning of that acquisition "
+                      "(LPET and SPET share counts, as list-mode subsampling does); reconstruction per case "
                       + ("from the held-out pool" if args.holdout_recons else "from the standard pool"),
         "test case reconstructions": _case_summary(test),
         **({"held-out test case reconstructions": _case_summary(_seeded(
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "cached work from earlier runs is not counted\n\n## ", 1)
     report.write_text(text)
     if steps is not None:
-        from model.report_steps import recommend_steps
+        from model.evaluation.steps_curve import recommend_steps
 
         pick = recommend_steps(steps.summary, steps.keys)
         print(f"recommended sampler steps: {pick['steps']} (smallest within {pick['tolerance_db']:g} dB "

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.receive_memory import ct_slices  # noqa: E402
-from tests.nodeutil import PACS_AE, NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
+from tests.support.nodeutil import PACS_AE, NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_RATIO = 0.2

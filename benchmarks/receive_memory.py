@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from dicomnode.synthetic import StudyInfo, write_ct_series  # noqa: E402
-from model.machine import machine_description  # noqa: E402
-from tests.nodeutil import NodeProcess, db_rows, free_port, storescu, write_config  # noqa: E402
+from dicomnode.testing.scanner import StudyInfo, write_ct_series  # noqa: E402
+from model.evaluation.machine import machine_description  # noqa: E402
+from tests.support.nodeutil import NodeProcess, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "receive_memory.md"
 
@@ -49,7 +49,7 @@ dicomnode.scp.start_server = dicomnode.service.start_server = _in_memory
 
 
 def ct_slices(directory: Path, count: int, *, size: int = 512) -> list[Path]:
-    """``count`` slices of one synthetic CT series (one template written by dicomnode.synthetic)."""
+    """``count`` slices of one synthetic CT series (one template written by dicomnode.testing.scanner)."""
     rng = np.random.default_rng(0)
     hu = rng.normal(0, 30, (1, size, size)).astype(np.float32)
     [template_path] = write_ct_series(

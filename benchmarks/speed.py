@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/speed.py [--checkpoint F] [--shape 160,256,256] [--steps N]
         [--threads N] [--device cpu|cuda|auto] [--work DIR] [--verify-shape 32,96,96] [--no-ratio]
 
-Data: one simulated case (``model.dataset.simulate_case``, 10 % dose, MLEM) of ``--shape`` voxels at
-2 mm written as a PET DICOM series, and its CT resampled to 1 mm in-plane (512×512 for 256×256)
+Data: one simulated case (``model.simulation.dataset.simulate_case``, 10 % dose, MLEM) of ``--shape``
+voxels at 2 mm written as a PET DICOM series, and its CT resampled to 1 mm in-plane (512×512 for 256×256)
 written as a CT series; cached in ``--work`` so a rerun (e.g. with the trained ``--checkpoint``)
 skips the simulation. The measured run is a child process (so its peak RSS is the enhance path's
 alone) doing what ``upete enhance`` does: load the model, :func:`dicomnode.pipeline.enhance_series`
@@ -67,8 +67,8 @@ def make_case(work: Path, shape: tuple[int, int, int], seed: int = 0) -> dict:
     """Simulate (once) and write the PET (2 mm) and CT (1 mm in-plane) series; returns their folders."""
     from scipy import ndimage
 
-    from dicomnode.synthetic import StudyInfo, write_ct_series, write_pet_series
-    from model.dataset import simulate_case
+    from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
+    from model.simulation.dataset import simulate_case
 
     folder = work / f"case-{seed}-{'x'.join(map(str, shape))}"
     arrays = folder / "arrays.npz"
@@ -91,9 +91,9 @@ def random_checkpoint(work: Path) -> Path:
     """A randomly initialised checkpoint of the planned architecture (speed ignores weight values)."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.network import UPETeModel, default_config
-    from model.noise_level import NoiseCurve
+    from model.networks.checkpoint import save_checkpoint
+    from model.networks.noise_level import NoiseCurve
+    from model.networks.upete_model import UPETeModel, default_config
 
     path = work / "random-ldm-p-ct.safetensors"
     if path.is_file():
@@ -182,8 +182,8 @@ def cost_ratio(checkpoint: Path, threads: int) -> dict:
 
     import torch
 
-    from model.checkpoint import load_checkpoint
-    from model.unet import UNet
+    from model.networks.checkpoint import load_checkpoint
+    from model.networks.unet import UNet
 
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint).eval()
@@ -220,7 +220,7 @@ def verify(
     import torch
 
     from model.enhance import load_enhancer
-    from model.metrics import psnr
+    from model.evaluation.metrics import psnr
 
     torch.set_num_threads(threads)
     data = np.load(arrays)

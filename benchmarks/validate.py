@@ -38,12 +38,12 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import dataset  # noqa: E402
-from model.checkpoint import load_checkpoint, read_training_meta, save_checkpoint  # noqa: E402
 from model.enhance import GaussianEnhancer, load_enhancer  # noqa: E402
-from model.evaluate import as_eval_case, lpet_at, score_volume  # noqa: E402
-from model.network import ModelConfig, UPETeModel  # noqa: E402
-from model.tiling import Blender, gaussian_weights, tile_starts, tile_windows  # noqa: E402
+from model.enhancers.tiling import Blender, gaussian_weights, tile_starts, tile_windows  # noqa: E402
+from model.evaluation.evaluate import as_eval_case, lpet_at, score_volume  # noqa: E402
+from model.networks.checkpoint import load_checkpoint, read_training_meta, save_checkpoint  # noqa: E402
+from model.networks.upete_model import ModelConfig, UPETeModel  # noqa: E402
+from model.simulation import dataset  # noqa: E402
 
 
 def _model_from_state(path: Path) -> tuple[UPETeModel, str, int]:
@@ -58,7 +58,7 @@ def _model_from_state(path: Path) -> tuple[UPETeModel, str, int]:
     model.load_state_dict(module("module.model."), strict=True)
     ae_ema = module("module.ae_ema.shadow.")
     if meta["stage"] == "ae" and ae_ema:
-        model.autoencoder.load_state_dict(ae_ema, strict=True)  # what the stage will keep (model/train.py)
+        model.autoencoder.load_state_dict(ae_ema, strict=True)  # what the stage keeps (training/diffusion.py)
     if meta["stage"] in ("denoiser", "done") and meta["step"] > 0:
         model.diffusion.load_state_dict(module("module.ema.shadow."), strict=True)
     return model.eval(), meta["stage"], int(meta["step"])

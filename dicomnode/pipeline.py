@@ -37,7 +37,7 @@ class EnhanceResult:
     """What one run produced: the derived files (slice order), the plan used, seconds per stage.
 
     ``enhance_seconds``: the enhancer's own stages within ``enhance`` (encode, sample, …) when it
-    records them (a ``timings`` dict, as :class:`~model.latent_enhancer.DiffusionEnhancer` does).
+    records them (a ``timings`` dict, as :class:`~model.enhancers.diffusion.DiffusionEnhancer` does).
     """
 
     paths: list[Path]

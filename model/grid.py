@@ -11,7 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["ModelGrid", "array_image", "isotropic_reference", "resample_isotropic", "resample_onto"]
+__all__ = ["AIR_HU", "ModelGrid", "array_image", "isotropic_reference", "resample_isotropic", "resample_onto"]
+
+#: What the CT holds outside its field of view and beyond the volume, in training and at inference alike.
+AIR_HU = -1000.0
 
 
 def array_image(array: np.ndarray, spacing_mm: Sequence[float]) -> sitk.Image:

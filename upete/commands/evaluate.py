@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     # Imported here so `upete --help` stays fast.
-    from model.dataset import list_cases
-    from model.quality import machine_description, run_quality
+    from model.evaluation.quality import machine_description, run_quality
+    from model.simulation.dataset import list_cases
 
     try:
         doses = _floats(args.doses, "--doses")

@@ -1,7 +1,7 @@
 """``upete simulate``: write simulated PET/CT cases as arrays and scanner-like DICOM series.
 
-The composition root of the simulator: cases come from :mod:`model.dataset` (phantom, counts,
-doses, reconstruction) and DICOM from :mod:`dicomnode.synthetic`; nothing in ``model`` knows DICOM.
+The composition root of the simulator: cases come from :mod:`model.simulation.dataset` (phantom, counts,
+doses, reconstruction) and DICOM from :mod:`dicomnode.testing.scanner`; nothing in ``model`` knows DICOM.
 
 Per case ``OUT/case_NNNN/``: ``arrays.npz`` + ``meta.json`` (model.dataset), ``dicom/CT/`` and one
 ``dicom/PET_D<percent>/`` per dose (PET Image Storage with the SUV attributes; the frame duration is
@@ -97,7 +97,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _recon_pool(text: str) -> tuple[str, ...]:
-    from model.dataset import HOLDOUT_RECONS, RECON_PRESETS, STANDARD_RECONS
+    from model.simulation.dataset import HOLDOUT_RECONS, RECON_PRESETS, STANDARD_RECONS
 
     named = {"standard": STANDARD_RECONS, "holdout": HOLDOUT_RECONS, "all": tuple(RECON_PRESETS)}
     if text in named:
@@ -118,13 +118,13 @@ def _tm(seconds: float) -> str:
 
 
 def write_case_dicom(case, folder: Path, *, case_name: str) -> dict[str, int]:
-    """Write the CT and one PET series per dose of a :class:`model.dataset.SimCase` under ``folder``.
+    """Write the CT and one PET series per dose of a :class:`~model.simulation.dataset.SimCase` in ``folder``.
 
     UIDs derive from the case seed, so a rerun writes the same study. Returns files per series.
     """
     from pydicom.uid import generate_uid
 
-    from dicomnode.synthetic import StudyInfo, write_ct_series, write_pet_series
+    from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
 
     meta = case.meta
     seed = int(meta["seed"])
@@ -182,7 +182,7 @@ def write_case_dicom(case, folder: Path, *, case_name: str) -> dict[str, int]:
 
 
 def _simulate_one(folder: Path, seed: int, args, doses: Sequence[float], shape, pool) -> dict:
-    from model.dataset import recon_for_case, save_case, simulate_case
+    from model.simulation.dataset import recon_for_case, save_case, simulate_case
 
     if folder.exists():
         shutil.rmtree(folder)  # a half-written case from an interrupted run

@@ -5,7 +5,7 @@ Data: ``--data DIR`` (simulated cases, NIfTI pairs, or one DICOM study per sub-f
 with ``OUT/upete-VARIANT.safetensors`` + ``.json`` and ``OUT/enhance.yaml``, a config naming it for
 ``upete enhance --config``. Several GPUs: ``torchrun --nproc-per-node G -m upete train ...``.
 
-``--variant supervised`` trains the supervised reference U-Net instead (:mod:`model.train_supervised`):
+``--variant supervised`` trains the supervised reference U-Net instead (:mod:`model.training.supervised`):
 on LPET/SPET pairs at ``--dose`` from simulated cases that hold that dose (``--simulate N`` makes them
 into ``OUT/sim_data_dDOSE``), ending with ``OUT/supervised-unet.safetensors`` + ``.json``.
 """
@@ -186,7 +186,7 @@ def _simulate(
                 raise RuntimeError("timed out waiting for rank 0 to simulate the training cases")
             time.sleep(2.0)
         return root
-    from model import dataset
+    from model.simulation import dataset
 
     root.mkdir(parents=True, exist_ok=True)
     for k in range(count):
@@ -215,7 +215,7 @@ def _dicom_loader(folder: Path):  # noqa: ANN202 - (sitk.Image, sitk.Image | Non
 
 
 def _run_supervised(args: argparse.Namespace) -> int:
-    from model.train_supervised import SupervisedSettings, train_supervised
+    from model.training.supervised import SupervisedSettings, train_supervised
 
     if not 0 < args.dose <= 1:
         return _error(f"--dose must be in (0, 1], found {args.dose}", 2)
@@ -255,8 +255,8 @@ def run(args: argparse.Namespace) -> int:
         return _error("--simulate needs at least 1 case", 2)
     if args.variant == "supervised":
         return _run_supervised(args)
-    from model.diffusion import Variant
-    from model.train import TrainSettings, train
+    from model.networks.diffusion import Variant
+    from model.training.diffusion import TrainSettings, train
 
     ae_steps = (
         args.ae_steps if args.ae_steps is not None else (args.steps if args.steps is not None else 2000)

@@ -1,0 +1,42 @@
+"""Keep the low-dose PET's local mean activity in an enhanced volume.
+
+The LPET is a thinning of the standard acquisition: its local mean activity over a region larger than
+the scanner's resolution is an unbiased estimate of the truth, only noisier than the SPET's. A denoiser
+should move noise, not activity; a model trained on perturbations whose blur differs from the test
+data's can instead raise or lower whole hot regions (the trained uPETe raised a 26 mm lesion's mean
+by 20 % on a validation case). Rescaling the output so that its Gaussian-weighted local mean equals
+the LPET's at a scale of a few centimetres removes that drift and keeps the model's detail below it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from model.physics.filters import FWHM_PER_SIGMA
+
+__all__ = ["preserve_local_mean"]
+
+
+def preserve_local_mean(
+    estimate: np.ndarray, reference: np.ndarray, *, fwhm_mm: float, spacing_mm: tuple[float, float, float]
+) -> np.ndarray:
+    """``estimate`` times ``G(reference) / G(estimate)``, G a Gaussian of ``fwhm_mm`` (float32 out).
+
+    Both ``(z, y, x)`` in the same units on the same grid of ``spacing_mm``. Where the estimate's local
+    mean is below 1e-3 of its largest (air), the estimate is left as it is.
+    """
+    if estimate.shape != reference.shape:
+        raise ValueError(f"shapes differ: estimate {estimate.shape}, reference {reference.shape}")
+    if fwhm_mm <= 0:
+        raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
+    sigma = [fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
+    est = np.clip(estimate.astype(np.float32, copy=False), 0.0, None)
+    ref = np.clip(reference.astype(np.float32, copy=False), 0.0, None)
+    g_est = ndimage.gaussian_filter(est, sigma, mode="nearest", truncate=3.0)
+    g_ref = ndimage.gaussian_filter(ref, sigma, mode="nearest", truncate=3.0)
+    floor = 1e-3 * float(g_est.max()) if g_est.size else 0.0
+    if floor <= 0:
+        return estimate.astype(np.float32, copy=False)
+    ratio = np.where(g_est > floor, g_ref / np.maximum(g_est, floor), 1.0)
+    return (estimate * ratio).astype(np.float32, copy=False)

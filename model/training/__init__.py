@@ -1,0 +1,1 @@
+"""Data to weights: the autoencoder and denoiser training loops, their data, patches, losses and settings."""

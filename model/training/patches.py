@@ -1,0 +1,285 @@
+"""Random training patches, clean and Poisson-perturbed, as ``B×1×D×H×W`` tensors.
+
+A perturbed patch must come from perturbing **whole axial slices**: reconstructed PET noise depends
+on every line of response through the slice, so perturbing a cut-out patch as if it were the whole
+object gives the wrong noise. :class:`PerturbedPool` therefore perturbs slabs (``patch_z`` full
+slices) at a random step t — counts in the sinogram, binomial thinning to d_t, OSEM/FBP, via
+:func:`model.physics.perturb` — and crops patches from them. Every crop is an exact sample of the
+forward chain at its t; reusing a slab for a few crops only correlates neighbouring samples, which
+``refresh`` (slabs replaced per batch, may be fractional: 0.5 = one every other batch) trades against
+time. Reconstruction settings vary per slab
+(DESIGN.md §4: a model that has seen one noise texture loses much of its gain on another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.grid import AIR_HU
+from model.training.data import TrainingCase, body_candidates, pad_to, random_patch_origin
+
+__all__ = ["PatchBatch", "PatchSampler", "PerturbedPool", "recon_variants"]
+
+
+@dataclass
+class PatchBatch:
+    """``clean`` SPET and (Poisson) ``noisy`` patches in normalised units, ``ct`` in HU, steps ``t``."""
+
+    clean: torch.Tensor
+    ct: torch.Tensor | None = None
+    noisy: torch.Tensor | None = None
+    t: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> PatchBatch:
+        move = lambda v: v.to(device, non_blocking=True) if v is not None else None  # noqa: E731
+        return PatchBatch(move(self.clean), move(self.ct), move(self.noisy), move(self.t))
+
+
+def recon_variants(base):  # noqa: ANN001, ANN201 - ReconSettings; physics is imported lazily
+    """Reconstruction settings around ``base``: its iterations ±1, post-filter ±1.5 mm, and FBP."""
+    from model.physics import ReconAlgorithm
+
+    out = [base]
+    if base.algorithm is ReconAlgorithm.OSEM:
+        out += [dataclasses.replace(base, iterations=max(1, base.iterations + k)) for k in (-1, 1)]
+    out += [
+        dataclasses.replace(base, postfilter_fwhm_mm=max(0.0, base.postfilter_fwhm_mm + k))
+        for k in (-1.5, 1.5)
+    ]
+    out.append(
+        dataclasses.replace(
+            base, algorithm=ReconAlgorithm.FBP, postfilter_fwhm_mm=max(base.postfilter_fwhm_mm, 4.0)
+        )
+    )
+    return [r for i, r in enumerate(out) if r not in out[:i]]
+
+
+class PatchSampler:
+    """Body-centred random patches of ``patch`` voxels ``(z, y, x)`` from a list of cases.
+
+    Cases smaller than the patch are padded (PET with 0, CT with air). Normalisation is Bq/ml ÷
+    ``scale_bqml`` (the fixed scale) or, with ``minmax``, each case's own [min, max] → [0, 1].
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[TrainingCase],
+        *,
+        patch: Sequence[int],
+        scale_bqml: float,
+        rng: np.random.Generator,
+        with_ct: bool,
+        minmax: bool = False,
+        flip: bool = True,
+    ) -> None:
+        if not cases:
+            raise ValueError("PatchSampler needs at least one case")
+        self.patch = tuple(int(p) for p in patch)
+        self.rng = rng
+        self.with_ct = with_ct
+        self.flip = flip
+        self.cases = list(cases)
+        self.pet: list[np.ndarray] = []
+        self.ct: list[np.ndarray | None] = []
+        self.scales: list[float] = []
+        self.offsets: list[float] = []
+        for case in cases:
+            pet = pad_to(case.pet, self.patch, 0.0)
+            if minmax:
+                low, high = float(pet.min()), float(pet.max())
+                self.offsets.append(low)
+                self.scales.append(max(high - low, 1e-6))
+            else:
+                self.offsets.append(0.0)
+                self.scales.append(scale_bqml)
+            self.pet.append(pet.astype(np.float32))
+            if with_ct:
+                if case.ct is None:
+                    raise ValueError(f"case {case.name} has no CT")
+                self.ct.append(pad_to(case.ct, self.patch, AIR_HU).astype(np.float32))
+            else:
+                self.ct.append(None)
+        self.candidates = [body_candidates(p) for p in self.pet]
+
+    def normalise(self, index: int, bqml: np.ndarray) -> np.ndarray:
+        return (bqml - self.offsets[index]) / self.scales[index]
+
+    def _crop(self, array: np.ndarray, corner: Sequence[int]) -> np.ndarray:
+        z, y, x = corner
+        pz, py, px = self.patch
+        return array[z : z + pz, y : y + py, x : x + px]
+
+    def _stack(self, arrays: list[np.ndarray], flips: list[bool]) -> torch.Tensor:
+        out = [np.ascontiguousarray(a[..., ::-1] if f else a) for a, f in zip(arrays, flips, strict=True)]
+        return torch.from_numpy(np.stack(out)[:, None])
+
+    def _flips(self, n: int) -> list[bool]:
+        return [bool(self.flip and self.rng.random() < 0.5) for _ in range(n)]
+
+    def clean_batch(self, batch_size: int) -> PatchBatch:
+        """``batch_size`` random SPET patches (and their CT)."""
+        pets, cts = [], []
+        for _ in range(batch_size):
+            i = int(self.rng.integers(len(self.pet)))
+            corner = random_patch_origin(
+                self.pet[i].shape, self.patch, self.rng, candidates=self.candidates[i]
+            )
+            pets.append(self.normalise(i, self._crop(self.pet[i], corner)))
+            if self.with_ct:
+                cts.append(self._crop(self.ct[i], corner))
+        flips = self._flips(batch_size)
+        return PatchBatch(self._stack(pets, flips), self._stack(cts, flips) if self.with_ct else None)
+
+
+@dataclass
+class _Slab:
+    case: int
+    z0: int
+    t: int
+    noisy: np.ndarray  # (pz, Y, X) Bq/ml
+    candidates: np.ndarray  # body voxels of the clean slab (flat indices), crop centres
+
+
+class PerturbedPool:
+    """A pool of perturbed slabs; :meth:`batch` crops ``(clean, noisy, ct, t)`` patches from it.
+
+    ``timesteps`` (T) and ``dose_min`` define d_t = d_min^(t/T). Each :meth:`batch` call first
+    replaces ``refresh`` slabs on average (all of them on the first call; a fraction accumulates).
+    """
+
+    def __init__(
+        self,
+        sampler: PatchSampler,
+        *,
+        timesteps: int,
+        dose_min: float,
+        size: int = 8,
+        refresh: float = 1.0,
+        vary_recon: bool = True,
+        spacing_mm: float = 2.0,
+        use_ct_attenuation: bool = True,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        from model.physics import ReconSettings, ScannerModel
+
+        if size < 1 or refresh < 0:
+            raise ValueError(f"pool size ({size}) must be ≥ 1 and refresh ({refresh}) ≥ 0")
+        self.sampler = sampler
+        self.timesteps = timesteps
+        self.dose_min = dose_min
+        self.size = size
+        self.refresh = refresh
+        self._due = 0.0
+        # Per case: the reconstruction and count level the SPET was made with when the data say
+        # (simulated cases), the defaults otherwise; the first choice is that base setting.
+        self.recons: list[list] = []
+        self.scanners: list = []
+        for case in sampler.cases:
+            base = ReconSettings.from_dict(case.recon) if case.recon else ReconSettings()
+            self.recons.append(recon_variants(base) if vary_recon else [base])
+            self.scanners.append(ScannerModel(**case.scanner) if case.scanner else ScannerModel())
+        self.spacing_mm = spacing_mm
+        self.use_ct_attenuation = use_ct_attenuation
+        self.device = torch.device(device)
+        self.generator = generator
+        self.slabs: list[_Slab] = []
+        self._next = 0
+
+    def dose(self, t: int) -> float:
+        return float(self.dose_min ** (t / self.timesteps))
+
+    def perturb_slab(self, case: int, z0: int, t: int, *, recon=None) -> np.ndarray:  # noqa: ANN001
+        """Perturb full axial slices ``z0 … z0+patch_z`` of a case to step ``t``; ``(pz, Y, X)`` Bq/ml.
+
+        ``recon`` (a ``ReconSettings``) defaults to a random choice among the case's variants.
+        """
+        from model.physics import attenuation_factors, get_projector, mu_map_from_ct, perturb
+
+        rng = self.sampler.rng
+        choices = self.recons[case]
+        recon = recon or choices[int(rng.integers(len(choices)))]
+        pz = self.sampler.patch[0]
+        pet = torch.from_numpy(self.sampler.pet[case][z0 : z0 + pz]).to(self.device)
+        attenuation = None
+        ct = self.sampler.ct[case]
+        if self.use_ct_attenuation and ct is not None:
+            h, w = pet.shape[-2:]
+            size = max(h, w)
+            top, left = (size - h) // 2, (size - w) // 2
+            # Same centred square padding that perturb() applies to the activity.
+            ct_sq = F.pad(
+                torch.from_numpy(ct[z0 : z0 + pz]).to(self.device),
+                (left, size - w - left, top, size - h - top),
+                value=AIR_HU,
+            )
+            projector = get_projector(size, pixel_size_mm=self.spacing_mm, device=self.device)
+            attenuation = attenuation_factors(projector, mu_map_from_ct(ct_sq)).clamp_min(1e-6)
+        noisy = perturb(
+            pet,
+            self.dose(t),
+            scanner=self.scanners[case],
+            recon=recon,
+            pixel_size_mm=self.spacing_mm,
+            attenuation=attenuation,
+            generator=self.generator,
+        )
+        return noisy.cpu().numpy()
+
+    def _new_slab(self) -> _Slab:
+        rng = self.sampler.rng
+        case = int(rng.integers(len(self.sampler.pet)))
+        shape = self.sampler.pet[case].shape
+        z0, _, _ = random_patch_origin(
+            shape, (self.sampler.patch[0], shape[1], shape[2]), rng, candidates=self.sampler.candidates[case]
+        )
+        t = int(rng.integers(0, self.timesteps + 1))
+        region = self.sampler.pet[case][z0 : z0 + self.sampler.patch[0]]
+        return _Slab(case, z0, t, self.perturb_slab(case, z0, t), body_candidates(region, stride=2))
+
+    def _replace(self, n: int) -> None:
+        for _ in range(n):
+            slab = self._new_slab()
+            if len(self.slabs) < self.size:
+                self.slabs.append(slab)
+            else:
+                self.slabs[self._next] = slab
+                self._next = (self._next + 1) % self.size
+
+    def batch(self, batch_size: int) -> PatchBatch:
+        """``batch_size`` crops from random pool slabs: clean and noisy patches, their CT and t."""
+        if len(self.slabs) < self.size:
+            self._replace(self.size - len(self.slabs))
+        else:
+            self._due += self.refresh
+            self._replace(int(self._due))
+            self._due -= int(self._due)
+        s = self.sampler
+        _, py, px = s.patch
+        cleans, noisies, cts, ts = [], [], [], []
+        for _ in range(batch_size):
+            slab = self.slabs[int(s.rng.integers(len(self.slabs)))]
+            pet = s.pet[slab.case]
+            pz = s.patch[0]
+            region = pet[slab.z0 : slab.z0 + pz]
+            # Centre the in-plane crop on the body within this slab.
+            _, y0, x0 = random_patch_origin(region.shape, s.patch, s.rng, candidates=slab.candidates)
+            window = (slice(None), slice(y0, y0 + py), slice(x0, x0 + px))
+            cleans.append(s.normalise(slab.case, region[window]))
+            noisies.append(s.normalise(slab.case, slab.noisy[window]))
+            if s.with_ct:
+                cts.append(s.ct[slab.case][slab.z0 : slab.z0 + pz][window])
+            ts.append(slab.t)
+        flips = s._flips(batch_size)
+        return PatchBatch(
+            s._stack(cleans, flips),
+            s._stack(cts, flips) if s.with_ct else None,
+            s._stack(noisies, flips),
+            torch.tensor(ts, dtype=torch.long),
+        )

@@ -1,0 +1,313 @@
+"""Training the supervised reference U-Net (:mod:`model.networks.supervised_unet`) on simulated pairs.
+
+Pairs come from simulated cases (:mod:`model.simulation.dataset`) that hold an LPET at the training dose: the
+simulator's own binomial thinning of the SPET's counts, so SPET and LPET share counts as list-mode
+subsampling does. A pair cannot be made from a SPET volume alone (its counts are not stored), so a
+folder without that dose is refused with the command that makes one.
+
+Per step: random body-centred patches of the same place in LPET and SPET, the same random flips on
+each axis, L1 (+ optional SSIM) on the fixed-scale normalised volumes (Bq/ml ÷ ``scale_bqml``), Adam,
+an EMA of the weights (the shipped ones). Progress lines with ETA; the state (weights, EMA, optimizer,
+RNGs) is saved every ``checkpoint_every_s`` and at the end, and ``resume`` continues it. Deterministic
+by ``seed`` on a given device. The run ends with ``OUT/supervised-unet.safetensors`` + ``.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.grid import resample_isotropic
+from model.networks.checkpoint import load_training_state, read_training_meta, save_training_state
+from model.networks.supervised_unet import SupervisedConfig, SupervisedUNet, parameter_count, save_supervised
+from model.training.data import TrainingCase, body_candidates, fixed_scale_bqml, pad_to, random_patch_origin
+from model.training.losses import ssim_loss
+from model.training.runtime import Ema, Precision, ProgressLog, resolve_device
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "STATE_NAME",
+    "PairCase",
+    "PairSampler",
+    "SupervisedResult",
+    "SupervisedSettings",
+    "load_pairs",
+    "train_supervised",
+]
+
+log = logging.getLogger("model.training.diffusion")
+
+STATE_NAME = "supervised-state.safetensors"
+CHECKPOINT_NAME = "supervised-unet.safetensors"
+
+
+@dataclass(frozen=True)
+class SupervisedSettings:
+    """Everything ``upete train --variant supervised`` can set; sizes default to DESIGN.md §4's CPU scale."""
+
+    data_dir: Path
+    out_dir: Path
+    dose: float = 0.1
+    steps: int = 6000
+    patch_size: tuple[int, int, int] = (32, 48, 48)
+    batch_size: int = 2
+    channels: tuple[int, ...] = (16, 32, 64)
+    res_blocks: int = 2  # (16, 32, 64) × 2 blocks ≈ 1.0 M parameters, the uPETe denoiser's order
+    norm_groups: int = 8
+    lr: float = 5e-4
+    # Linear learning-rate warm-up: Adam's first steps from a zero-initialised output layer overshoot.
+    warmup_steps: int = 200
+    ssim_weight: float = 0.0
+    ema_decay: float = 0.999
+    checkpoint_every_s: float = 300.0
+    log_every_s: float = 15.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not 0 < self.dose <= 1:
+            raise ValueError(f"dose must be in (0, 1], found {self.dose}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"steps must be ≥ 0 and batch_size ≥ 1, found {self.steps} and {self.batch_size}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, found {self.warmup_steps}")
+        if self.lr <= 0 or self.ssim_weight < 0:
+            raise ValueError(
+                f"lr must be positive and ssim_weight ≥ 0, found {self.lr} and {self.ssim_weight}"
+            )
+
+
+@dataclass
+class PairCase:
+    """One training pair on the model grid, ``(z, y, x)`` Bq/ml: the LPET at the dose and its SPET."""
+
+    name: str
+    lpet: np.ndarray
+    spet: np.ndarray
+    recon: str = ""
+
+
+@dataclass
+class SupervisedResult:
+    checkpoint: Path
+    losses: list[float]
+
+
+def load_pairs(root: str | Path, *, dose: float, spacing_mm: float = 2.0) -> list[PairCase]:
+    """Every simulated case under ``root`` as an LPET/SPET pair at ``dose`` on the ``spacing_mm`` grid.
+
+    Raises ``ValueError`` when ``root`` holds no simulated case or a case has no LPET at ``dose``.
+    """
+    from model.simulation import dataset
+
+    root = Path(root)
+    paths = dataset.list_cases(root) if root.is_dir() else []
+    if not paths:
+        raise ValueError(
+            f"{root} holds no simulated case (case_*/arrays.npz + meta.json); the supervised U-Net "
+            "trains on simulated LPET/SPET pairs: use --simulate N"
+        )
+    pairs = []
+    for path in paths:
+        case = dataset.load_case(path)
+        lpet = next((v for d, v in case.lpet_bqml.items() if abs(float(d) - dose) < 1e-9), None)
+        if lpet is None:
+            raise ValueError(
+                f"case {path.name} has no LPET at dose {dose:g} (it has {sorted(case.lpet_bqml)}); "
+                f"simulate pairs at that dose with --simulate N --dose {dose:g}"
+            )
+        pairs.append(
+            PairCase(
+                path.name,
+                resample_isotropic(lpet, case.spacing_mm, spacing_mm),
+                resample_isotropic(case.spet_bqml, case.spacing_mm, spacing_mm),
+                str(case.meta.get("recon_name", "")),
+            )
+        )
+    log.info("training pairs loaded", extra={"fields": {"cases": len(pairs), "dose": dose}})
+    return pairs
+
+
+class PairSampler:
+    """Random body-centred patches ``(lpet, spet)``, each ``B×1×D×H×W`` normalised, same crop and flips.
+
+    Cases smaller than the patch are padded with air (0 Bq/ml), as the enhancer pads.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[PairCase],
+        *,
+        patch: Sequence[int],
+        scale_bqml: float,
+        rng: np.random.Generator,
+        flip: bool = True,
+    ) -> None:
+        if not cases:
+            raise ValueError("PairSampler needs at least one case")
+        self.patch = tuple(int(p) for p in patch)
+        self.scale = float(scale_bqml)
+        self.rng = rng
+        self.flip = flip
+        self.lpet = [pad_to(c.lpet, self.patch, 0.0).astype(np.float32) for c in cases]
+        self.spet = [pad_to(c.spet, self.patch, 0.0).astype(np.float32) for c in cases]
+        # Centres are drawn on the SPET's body: the LPET's noise in the air would move them around.
+        self.candidates = [body_candidates(s) for s in self.spet]
+
+    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lpets, spets = [], []
+        for _ in range(batch_size):
+            i = int(self.rng.integers(len(self.spet)))
+            corner = random_patch_origin(
+                self.spet[i].shape, self.patch, self.rng, candidates=self.candidates[i]
+            )
+            window = tuple(slice(c, c + p) for c, p in zip(corner, self.patch, strict=True))
+            lpet, spet = self.lpet[i][window], self.spet[i][window]
+            # Noise statistics do not depend on orientation (per-slice 2D reconstruction, symmetric in z):
+            # every axis may flip, the same way for input and target.
+            axes = tuple(a for a in range(3) if self.flip and self.rng.random() < 0.5)
+            if axes:
+                lpet, spet = np.flip(lpet, axes), np.flip(spet, axes)
+            lpets.append(np.ascontiguousarray(lpet) / self.scale)
+            spets.append(np.ascontiguousarray(spet) / self.scale)
+        return torch.from_numpy(np.stack(lpets)[:, None]), torch.from_numpy(np.stack(spets)[:, None])
+
+
+def _summary(settings: SupervisedSettings, cases: Sequence[PairCase], model: SupervisedUNet, **extra: Any):  # noqa: ANN202
+    # Counts and settings only: case names could carry patient identifiers.
+    return {
+        "cases": len(cases),
+        "dose": settings.dose,
+        "patch_size": list(settings.patch_size),
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "warmup_steps": settings.warmup_steps,
+        "ssim_weight": settings.ssim_weight,
+        "ema_decay": settings.ema_decay,
+        "seed": settings.seed,
+        "parameters": parameter_count(model),
+        "recons": sorted({c.recon for c in cases if c.recon}),
+        **extra,
+    }
+
+
+def train_supervised(
+    settings: SupervisedSettings,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> SupervisedResult:
+    """Train (or resume) the supervised U-Net; returns the checkpoint written and the losses per step."""
+    settings.validate()
+    started = time.monotonic()
+    device = resolve_device(settings.device)
+    precision = Precision(device, settings.amp)
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng([settings.seed, 0x5E9])
+    out = Path(settings.out_dir)
+    state_path = out / STATE_NAME
+    resumed = settings.resume and state_path.is_file()
+    if settings.resume and not resumed:
+        log.info("no training state to resume; starting afresh", extra={"fields": {"out": str(out)}})
+    if resumed:
+        config = SupervisedConfig.from_json(read_training_meta(state_path)["config"])
+        if abs(config.dose - settings.dose) > 1e-9:
+            raise ValueError(f"the state in {out} trains at dose {config.dose:g}, not {settings.dose:g}")
+    cases = load_pairs(settings.data_dir, dose=settings.dose)
+    if not resumed:
+        total, count = fixed_scale_bqml([TrainingCase(c.name, c.spet, None) for c in cases])
+        config = SupervisedConfig(
+            channels=tuple(settings.channels),
+            res_blocks=settings.res_blocks,
+            norm_groups=settings.norm_groups,
+            patch_size=tuple(settings.patch_size),  # type: ignore[arg-type]
+            scale_bqml=total / count,
+            dose=settings.dose,
+        )
+    model = SupervisedUNet(config).to(device)
+    ema = Ema(model, settings.ema_decay).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    start, losses, seconds_before = 0, [], 0.0
+    if resumed:
+        meta, rng_state = load_training_state(
+            state_path, modules={"model": model, "ema": ema}, optimizers={"adam": optimizer}
+        )
+        start, losses = int(meta["step"]), list(meta.get("losses", []))
+        seconds_before = float(meta.get("seconds", 0.0))  # earlier invocations' training time
+        if "torch_cpu" in rng_state:
+            torch.set_rng_state(rng_state["torch_cpu"])
+        rng.bit_generator.state = meta["numpy_rng"]
+        log.info("resumed", extra={"fields": {"stage": "supervised", "step": start}})
+    sampler = PairSampler(cases, patch=config.patch_size, scale_bqml=config.scale_bqml, rng=rng)
+
+    def save_state(step: int) -> None:
+        meta = {
+            "step": step,
+            "config": config.to_json(),
+            "numpy_rng": rng.bit_generator.state,
+            "losses": losses,
+            "seconds": round(seconds_before + time.monotonic() - started, 1),
+        }
+        save_training_state(
+            state_path,
+            modules={"model": model, "ema": ema},
+            optimizers={"adam": optimizer},
+            meta=meta,
+            rng={"torch_cpu": torch.get_rng_state()},
+        )
+
+    progress = ProgressLog(
+        "supervised", total=settings.steps, start=start, every_s=settings.log_every_s, enabled=True
+    )
+    model.train()
+    last_save = time.monotonic()
+    for step in range(start, settings.steps):
+        lpet, spet = (t.to(device, non_blocking=True) for t in sampler.batch(settings.batch_size))
+        for group in optimizer.param_groups:  # a function of the step only: resumes exactly
+            group["lr"] = settings.lr * min(1.0, (step + 1) / max(settings.warmup_steps, 1))
+        with precision.autocast():
+            pred = model(lpet)
+        pred = pred.float()
+        loss = F.l1_loss(pred, spet)
+        if settings.ssim_weight:
+            loss = loss + settings.ssim_weight * ssim_loss(pred, spet)
+        precision.step(loss, optimizer, model.parameters(), clip=1.0)
+        ema.update(model)
+        value = float(loss.detach())
+        losses.append(value)
+        progress.update(step + 1, value)
+        if on_step:
+            on_step(step + 1, value)
+        if time.monotonic() - last_save >= settings.checkpoint_every_s:
+            save_state(step + 1)
+            last_save = time.monotonic()
+    save_state(settings.steps)
+
+    from upete import __version__
+
+    recent = losses[-100:]
+    training = _summary(
+        settings,
+        cases,
+        model,
+        steps=settings.steps,
+        final_loss=round(float(np.mean(recent)), 6) if recent else None,
+        seconds=round(seconds_before + time.monotonic() - started, 1),
+    )
+    final = dataclasses.replace(config, training=training, software_version=__version__)
+    # The shipped weights are the EMA's: smoother and better than the last step's.
+    path = save_supervised(out / CHECKPOINT_NAME, ema.shadow, final)
+    log.info("model saved", extra={"fields": {"checkpoint": str(path), "kind": "supervised"}})
+    return SupervisedResult(path, losses)

@@ -1,0 +1,193 @@
+"""dicomnode/volume.py: series → image in physical units, geometry checks, CT → PET resampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+
+from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
+from dicomnode.volume import VolumeError, coverage_fraction, load_series, resample_onto
+from tests.support.dicomutil import PET_SPACING, make_study
+
+
+def _array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+def _rewrite(path: Path, **changes: object) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def _write_raw(path: Path, keyword: str, vr: str, raw: bytes) -> None:
+    """Put bytes that pydicom would refuse to encode (e.g. DS "abc") into a file, as a broken scanner does."""
+    ds = pydicom.dcmread(path)
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    ds._dict[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    ds.save_as(path)
+
+
+def _pet(tmp_path: Path, shape=(6, 5, 7), **kwargs) -> tuple[list[Path], np.ndarray]:
+    rng = np.random.default_rng(1)
+    activity = rng.gamma(2.0, 1000.0, shape).astype(np.float32) * np.arange(1, shape[0] + 1)[:, None, None]
+    kwargs.setdefault("study", StudyInfo())
+    return write_pet_series(tmp_path, activity, **kwargs), activity
+
+
+def test_shuffled_pet_loads_in_bqml_on_its_grid(tmp_path: Path) -> None:
+    study = make_study(tmp_path)
+    volume = load_series(study.pet_paths)  # paths in shuffled order
+    image = volume.image
+    assert image.GetSize() == (32, 32, 24)
+    np.testing.assert_allclose(image.GetSpacing(), (PET_SPACING[2], PET_SPACING[1], PET_SPACING[0]))
+    np.testing.assert_allclose(image.GetOrigin(), study.pet_origin)
+    np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel())
+    assert image.GetPixelID() == sitk.sitkFloat32
+    # per-slice slopes applied: within half a 16-bit step of the slice maximum
+    expected = study.pet_bqml
+    step = expected.max(axis=(1, 2)) / 65535
+    assert np.all(np.abs(_array(image) - expected).max(axis=(1, 2)) <= step / 2 + 1e-3)
+    assert [int(ds.InstanceNumber) for ds in volume.datasets] == list(range(1, 25))
+    assert all("PixelData" not in ds for ds in volume.datasets)
+    assert volume.modality == "PT" and volume.frame_of_reference_uid == study.study.frame_of_reference_uid
+
+
+def test_sorting_uses_positions_not_instance_numbers(tmp_path: Path) -> None:
+    paths, activity = _pet(tmp_path)
+    for path in paths:  # scramble InstanceNumber: it must not matter
+        ds = pydicom.dcmread(path)
+        _rewrite(path, InstanceNumber=(int(ds.InstanceNumber) * 7) % 11)
+    volume = load_series(list(reversed(paths)))
+    np.testing.assert_allclose(_array(volume.image), activity, rtol=1e-4, atol=1e-3 * activity.max())
+    z = [float(ds.ImagePositionPatient[2]) for ds in volume.datasets]
+    assert z == sorted(z)
+
+
+def test_oblique_orientation_maps_voxels_to_patient_positions(tmp_path: Path) -> None:
+    angle = np.deg2rad(30)
+    orientation = (np.cos(angle), np.sin(angle), 0.0, 0.0, 0.0, -1.0)  # oblique coronal-ish slices
+    paths, activity = _pet(tmp_path, orientation=orientation, origin_mm=(5.0, -3.0, 40.0),
+                           spacing_mm=(2.5, 3.0, 2.0))
+    volume = load_series(paths)
+    row, col = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row, col)
+    # voxel (x=i, y=j, z=k) sits at origin + i·dx·row + j·dy·col + k·dz·normal
+    i, j, k = 3, 2, 4
+    expected = np.array([5.0, -3.0, 40.0]) + i * 2.0 * row + j * 3.0 * col + k * 2.5 * normal
+    np.testing.assert_allclose(volume.image.TransformIndexToPhysicalPoint((i, j, k)), expected, atol=1e-6)
+    assert _array(volume.image)[k, j, i] == pytest.approx(activity[k, j, i], rel=1e-3)
+
+
+def test_ct_rescale_gives_hu(tmp_path: Path) -> None:
+    hu = np.arange(-1000, -1000 + 4 * 5 * 6).reshape(4, 5, 6).astype(float)
+    volume = load_series(write_ct_series(tmp_path, hu, study=StudyInfo()))
+    np.testing.assert_array_equal(_array(volume.image), hu)
+    assert volume.modality == "CT"
+
+
+def test_uneven_spacing_is_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path)
+    ds = pydicom.dcmread(paths[3])
+    _rewrite(paths[3], ImagePositionPatient=[ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                                             float(ds.ImagePositionPatient[2]) + 1.0])
+    with pytest.raises(VolumeError, match="uneven slice spacing"):
+        load_series(paths)
+
+
+def test_missing_slice_is_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path)
+    by_position = sorted(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    with pytest.raises(VolumeError, match="missing"):
+        load_series([p for p in by_position if p != by_position[2]])
+    # the last slice missing leaves even spacing; NumberOfSlices tells
+    with pytest.raises(VolumeError, match="5 of the 6 slices"):
+        load_series(by_position[:-1])
+
+
+def test_mixed_orientation_is_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path)
+    _rewrite(paths[2], ImageOrientationPatient=[1, 0, 0, 0, 0.9950042, 0.0998334])
+    with pytest.raises(VolumeError, match="mixed orientation"):
+        load_series(paths)
+
+
+def test_different_rows_columns_are_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path)
+    other = write_pet_series(tmp_path / "other", np.ones((1, 6, 7), np.float32), study=StudyInfo())[0]
+    ds = pydicom.dcmread(paths[0])
+    replacement = pydicom.dcmread(other)
+    replacement.SeriesInstanceUID = ds.SeriesInstanceUID
+    replacement.ImagePositionPatient = ds.ImagePositionPatient
+    replacement.save_as(paths[0])
+    with pytest.raises(VolumeError, match="Rows differs"):
+        load_series(paths)
+
+
+def test_duplicate_position_mixed_series_and_junk_are_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path / "a")
+    copy = tmp_path / "copy.dcm"
+    ds = pydicom.dcmread(paths[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(copy)
+    with pytest.raises(VolumeError, match="same position"):
+        load_series([*paths, copy])
+    others, _ = _pet(tmp_path / "b")
+    with pytest.raises(VolumeError, match="SeriesInstanceUID differs"):
+        load_series([*paths, others[0]])
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not DICOM")
+    with pytest.raises(VolumeError, match="cannot read as DICOM"):
+        load_series([*paths, junk])
+    with pytest.raises(VolumeError, match="no files"):
+        load_series([])
+
+
+def test_broken_pixel_data_and_rescale_are_refused(tmp_path: Path) -> None:
+    paths, _ = _pet(tmp_path)
+    _write_raw(paths[1], "RescaleSlope", "DS", b"abc ")
+    with pytest.raises(VolumeError, match="RescaleSlope"):
+        load_series(paths)
+    paths, _ = _pet(tmp_path / "b")
+    ds = pydicom.dcmread(paths[0])
+    ds.PixelData = ds.PixelData[:-10]
+    ds.save_as(paths[0])
+    with pytest.raises(VolumeError, match="PixelData"):
+        load_series(paths)
+
+
+def test_resample_ct_onto_pet_through_patient_coordinates(tmp_path: Path) -> None:
+    """A CT holding a linear function of patient position is reproduced exactly on the PET grid."""
+    study = StudyInfo()
+    ct_shape, ct_spacing, ct_origin = (20, 24, 22), (2.0, 2.5, 3.0), (-30.0, -28.0, -15.0)
+    z, y, x = np.meshgrid(np.arange(ct_shape[0]) * ct_spacing[0] + ct_origin[2],
+                          np.arange(ct_shape[1]) * ct_spacing[1] + ct_origin[1],
+                          np.arange(ct_shape[2]) * ct_spacing[2] + ct_origin[0], indexing="ij")
+
+    def field(x, y, z):
+        return 2.0 * x - 3.0 * y + 5.0 * z  # within ±500 HU on this grid: no clipping
+
+    ct_paths = write_ct_series(tmp_path / "ct", field(x, y, z), spacing_mm=ct_spacing, origin_mm=ct_origin,
+                               study=study)
+    ct = load_series(ct_paths)
+    pet_paths, _ = _pet(tmp_path / "pet", shape=(8, 10, 12), spacing_mm=(4.0, 4.0, 4.0),
+                        origin_mm=(-20.0, -18.0, 2.0), study=study)
+    pet = load_series(pet_paths)
+    on_pet = resample_onto(ct.image, pet.image, default_value=-1000.0)
+    assert on_pet.GetSize() == pet.image.GetSize() and on_pet.GetOrigin() == pet.image.GetOrigin()
+    pz, py, px = np.meshgrid(np.arange(8) * 4.0 + 2.0, np.arange(10) * 4.0 - 18.0,
+                             np.arange(12) * 4.0 - 20.0, indexing="ij")
+    expected = field(px, py, pz)
+    values = _array(on_pet)
+    inside = (pz <= ct_origin[2] + (ct_shape[0] - 1) * ct_spacing[0])
+    np.testing.assert_allclose(values[inside], np.round(expected[inside]), atol=1.0)  # CT stores whole HU
+    assert np.all(values[~inside] == -1000.0)  # beyond the CT: air
+    assert 0.5 < coverage_fraction(ct.image, pet.image) < 1.0
+    assert coverage_fraction(pet.image, pet.image) == 1.0
