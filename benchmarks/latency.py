@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# End-to-end latency (issue #8)", "",
+        "# End-to-end latency", "",
         f"Command: `{command}`", "",
         f"{os.cpu_count()} cores; load average before {load_before}, after {report['load_after']} (a "
         f"shared machine: other jobs add to the load); {report['date']}. "

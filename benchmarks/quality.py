@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quality.py [--cases 10] [--val-cases 4] [--shape 64,192,192] ...
 
-The issue #6 report (trained checkpoints, each with its JSON beside it):
+The trained-model report (ablation and comparison tables; each checkpoint with its JSON beside it):
 
     .venv/bin/python benchmarks/quality.py --checkpoint LDM.safetensors --checkpoint LDM-P.safetensors \
         --checkpoint LDM-CT.safetensors --checkpoint LDM-P-CT.safetensors \

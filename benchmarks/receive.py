@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/receive.py [--slices 300] [--repeat 3]
 
-In the same run, DCMTK ``storescu`` (TCP_NODELAY=1, DESIGN.md §7 Nagle) sends the same files in one
+In the same run, DCMTK ``storescu`` (TCP_NODELAY=1, ARCHITECTURE.md §6 Nagle) sends the same files in one
 association to DCMTK ``storescp`` (writes each file, never fsyncs) and to ``upete serve`` (validates
 every element, stores each instance durably — file and database row fsynced — before answering
 Success). Runs alternate, ``--repeat`` times each; the median rate of each is reported with their
 ratio (target ≥ 0.2) and the ≈250 instances/s ceiling one fsync per instance puts on any durable
-receiver here (DESIGN.md §7: one fsync ≈ 3.9 ms). Writes ``benchmarks/results/receive.md`` + ``.json``.
+receiver here (ARCHITECTURE.md §6: one fsync ≈ 3.9 ms). Writes ``benchmarks/results/receive.md`` + ``.json``.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "receive.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
     lines = [
-        "# Receive rate: the node vs DCMTK storescp (issue #8)", "",
+        "# Receive rate: the node vs DCMTK storescp", "",
         f"Command: `{report['command']}`", "",
         f"Machine: {m['cores']} cores ({m['cpu']}); load average before {m['load_before']}, after "
         f"{m['load_after']} (a shared machine: other jobs add to the load); {report['date']}.", "",

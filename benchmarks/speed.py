@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_CPU_S, TARGET_RSS_GB, TARGET_GPU_S = 120.0, 6.0, 10.0
-#: The planned shipped architecture (issue #8).
+#: The planned shipped architecture.
 PLANNED = dict(ae_channels=(16, 32), latent_channels=4, unet_channels=(32, 64, 64), patch_size=(32, 48, 48))
 STAGES = ["read DICOM", "resample", "normalise", "encode", "sample", "decode", "resample back", "write DICOM"]
 
@@ -264,7 +264,7 @@ def write_report(report: dict, name: str = "speed") -> Path:
     m = report["machine"]
     gb = run["peak_rss_bytes"] / 1e9
     lines = [
-        "# Speed of `upete enhance` (issue #8)", "",
+        "# Speed of `upete enhance`", "",
         f"Command: `{report['command']}`", "",
         f"Machine: {m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; torch {m['torch']}, "
         f"{m['torch_threads']} torch thread(s); load average before {report['load_before']}, after "

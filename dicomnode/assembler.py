@@ -1,6 +1,6 @@
 """The assembler: decides when a PET series is complete, whether to process it, and with which CT.
 
-Rules (DESIGN.md §3), applied by :meth:`Assembler.poll` to every PET series that has no decision yet:
+Rules (ARCHITECTURE.md §3), applied by :meth:`Assembler.poll` to every PET series that has no decision yet:
 
 - **complete** when no instance of its study arrived for ``assembly.series_timeout_s`` (the quiet
   timer; after a restart it counts from the start, giving senders that time to resend), or as soon as

@@ -1,6 +1,6 @@
 """Node configuration: YAML file → one frozen, validated settings object.
 
-Every section has defaults (the shape of DESIGN.md §3); a site only says what differs. Unknown keys,
+Every section has defaults (the shape of ARCHITECTURE.md §3); a site only says what differs. Unknown keys,
 wrong types, bad ports and unreadable paths are refused with a message that names the file and the
 key, e.g. ``config/site.yaml: node.prot: unknown key``.
 """

@@ -1,6 +1,6 @@
 """The derived PET series: the enhanced volume as classic PET Image Storage, one file per source slice.
 
-What a PACS and an SUV tool need (DESIGN.md §3): the source's geometry slice for slice, new Series and
+What a PACS and an SUV tool need (ARCHITECTURE.md §3): the source's geometry slice for slice, new Series and
 SOP Instance UIDs (planned once per job, so a rerun replaces rather than duplicates), the same Study,
 Patient and Frame of Reference, ImageType DERIVED\\PRIMARY, a references trail (SourceImageSequence,
 DerivationDescription and DerivationCodeSequence, ContributingEquipmentSequence naming this software),
@@ -261,7 +261,7 @@ def write_derived_series(
         # General Image
         ds.InstanceNumber = int(source.get("InstanceNumber") or k + 1)
         ds.ContentDate, ds.ContentTime = date, time
-        ds.ImageType = ["DERIVED", "PRIMARY"]  # value 2 must stay PRIMARY for PET (DESIGN.md §7)
+        ds.ImageType = ["DERIVED", "PRIMARY"]  # value 2 must stay PRIMARY for PET (ARCHITECTURE.md §6)
         ds.DerivationDescription = _derivation_description(info)
         ds.DerivationCodeSequence = DicomSequence([code_item("113087", "DCM", "Smoothing")])
         reference = Dataset()

@@ -3,7 +3,7 @@
 The derived writer never copies a source dataset wholesale: it copies the attributes listed here,
 module by module (PS3.3 A.21 PET Image IOD), so that private tags, vendor oddities and attributes of
 other IODs stay behind. Scanner output often breaks the standard in small ways; the repairs below
-make the derived object valid even then (DESIGN.md §7):
+make the derived object valid even then (ARCHITECTURE.md §6):
 
 * values that do not fit their VR are reformatted (numbers), upper-cased (CS), emptied (Type 2) or
   dropped (Type 3); Type 1 values that cannot be repaired are kept and logged; patient and study
@@ -85,7 +85,7 @@ IDENTITY = frozenset({"PatientName", "PatientID", "IssuerOfPatientID", "PatientB
                       "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID",
                       "SpecificCharacterSet"})
 
-# Retired SNOMED-RT codes scanners still write → SNOMED CT (PS3.16 Annex O; DESIGN.md §7).
+# Retired SNOMED-RT codes scanners still write → SNOMED CT (PS3.16 Annex O; ARCHITECTURE.md §6).
 _SRT_TO_SCT = {
     "C-111A1": ("77004003", "^18^Fluorine"),
     "C-B1031": ("35321007", "Fluorodeoxyglucose F^18^"),
@@ -229,7 +229,7 @@ def copy_source_attributes(source: Dataset) -> Dataset:
         if keyword not in target:
             setattr(target, keyword, [] if keyword.endswith("Sequence") else "")
     for item in target.RadiopharmaceuticalInformationSequence:
-        # Type 2 inside each item of the PET Isotope module; dciodvfy insists (DESIGN.md §7).
+        # Type 2 inside each item of the PET Isotope module; dciodvfy insists (ARCHITECTURE.md §6).
         if "RadionuclideCodeSequence" not in item:
             item.RadionuclideCodeSequence = DicomSequence([])
     _modernise_codes(target)

@@ -3,7 +3,7 @@
 One association per job and destination. Every instance's status is checked: Success and the
 Warning statuses of PS3.4 B.2.3 (0xB000, 0xB006, 0xB007: stored, possibly coerced) count as stored,
 anything else as refused. pynetdicom 3.0.4's reactor now and then takes a C-STORE response from
-under ``send_c_store`` (DESIGN.md §7); :func:`_keep_stolen_responses` hands it back. An instance whose
+under ``send_c_store`` (ARCHITECTURE.md §6); :func:`_keep_stolen_responses` hands it back. An instance whose
 response still never comes (DIMSE timeout, aborted association) is sent again on a new association,
 up to :data:`MAX_REASSOCIATIONS` times per attempt — safe because a receiver keys instances by SOP
 Instance UID. A failed attempt is retried by the job queue with backoff
@@ -70,7 +70,7 @@ def _contexts(paths: Sequence[Path]) -> list[tuple[str, list[str]]]:
 
 
 def _keep_stolen_responses(assoc: Association) -> None:
-    """Work around pynetdicom 3.0.4's SCU race (DESIGN.md §7).
+    """Work around pynetdicom 3.0.4's SCU race (ARCHITECTURE.md §6).
 
     ``send_c_store`` pauses the association's reactor thread through a flag the reactor sets just
     *before* it blocks, so now and then the reactor is still running, takes the C-STORE response off

@@ -13,7 +13,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Nagle's algorithm costs ~40 ms per DIMSE message with DCMTK and Orthanc (DESIGN.md §7).
+    # Nagle's algorithm costs ~40 ms per DIMSE message with DCMTK and Orthanc (ARCHITECTURE.md §6).
     os.environ.setdefault("TCP_NODELAY", "1")
     # Tests and library code must run the same on 2 cores; keep torch from oversubscribing them.
     os.environ.setdefault("OMP_NUM_THREADS", "2")

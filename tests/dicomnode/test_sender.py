@@ -89,7 +89,7 @@ def test_failure_statuses_are_counted_as_refused(files: list[Path]) -> None:
 
 def test_a_lost_response_is_sent_again_on_a_new_association(files: list[Path]) -> None:
     # The first response comes after the sender's DIMSE timeout: as if pynetdicom's reader had
-    # swallowed it (DESIGN.md §7). The sender must re-associate and resend the unacknowledged ones.
+    # swallowed it (ARCHITECTURE.md §6). The sender must re-associate and resend the unacknowledged ones.
     def slow_first(event, count):
         if count == 1:
             time.sleep(2.5)
@@ -108,7 +108,7 @@ def test_a_lost_response_is_sent_again_on_a_new_association(files: list[Path]) -
 
 
 def test_a_response_taken_by_the_reactor_is_handed_back(tmp_path: Path) -> None:
-    # The pynetdicom 3.0.4 race (DESIGN.md §7), made deterministic: the reactor thread calls
+    # The pynetdicom 3.0.4 race (ARCHITECTURE.md §6), made deterministic: the reactor thread calls
     # _serve_request with the C-STORE response that send_c_store is waiting for.
     with StoreSCP(tmp_path / "pacs") as pacs:
         ae = AE(ae_title="UPETE")

@@ -5,7 +5,7 @@ Orthanc runs the shipped recipe (config/orthanc/orthanc.json and its Lua rules),
 directories and the rule's path substituted (it listens on every interface and has no bind option,
 so remote access is off and the ports are ephemeral ones). Two rules: route-to-upete.lua with the loop
 guard (skip our output, route each series once) as a site should use it, and route-everything.lua,
-the naive "route every stable study" rule, which the node itself must survive (DESIGN.md §6).
+the naive "route every stable study" rule, which the node itself must survive (ARCHITECTURE.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fast inference path gives the unoptimised path's output (issue #8); its timing hooks report stages.
+"""The fast inference path gives the unoptimised path's output ; its timing hooks report stages.
 
 No timing is asserted here: speed is measured by benchmarks/speed.py, correctness by these tests.
 """

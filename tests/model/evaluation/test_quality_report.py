@@ -1,4 +1,4 @@
-"""The issue #6 report: checkpoints recognised by their JSON, the paper's tables, verdicts computed from
+"""The quality report: checkpoints recognised by their JSON, the paper's tables, verdicts computed from
 the numbers (fed summaries where each claim holds and where it does not), and benchmarks/quality.py
 end to end on tiny untrained checkpoints and tiny simulated cases."""
 
