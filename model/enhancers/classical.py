@@ -24,7 +24,6 @@ lists each method's default parameters and search grid.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +32,12 @@ import numpy as np
 from scipy import ndimage
 
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
+from model.units import FWHM_PER_SIGMA
 
 __all__ = [
     "METHODS",
     "BM4DEnhancer",
     "CTBilateralEnhancer",
-    "GaussianBaseline",
     "GaussianEnhancer",
     "LPETEnhancer",
     "MethodSpec",
@@ -47,9 +46,6 @@ __all__ = [
     "estimate_noise_sigma",
     "make_baseline",
 ]
-
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
-
 
 def _float32(pet_bqml: np.ndarray) -> np.ndarray:
     if pet_bqml.ndim != 3:
@@ -120,24 +116,38 @@ class LPETEnhancer(Enhancer):
         return _float32(pet_bqml).copy()
 
 
-class GaussianBaseline(Enhancer):
-    """Isotropic Gaussian filter of ``fwhm_mm``; ``mode="nearest"`` keeps the total activity."""
+class GaussianEnhancer(Enhancer):
+    """Isotropic Gaussian filter of ``fwhm_mm``: the node's classical fallback and the ``gaussian`` baseline.
+
+    ``mode="nearest"`` at the volume's edges keeps the total activity close (``"constant"`` would
+    leak it out).
+    """
 
     method = "gaussian"
 
-    def __init__(self, *, fwhm_mm: float) -> None:
+    def __init__(self, *, fwhm_mm: float = 6.0) -> None:
         if fwhm_mm <= 0:
             raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
         self.params = {"fwhm_mm": float(fwhm_mm)}
         self.info = EnhancerInfo(
-            name="Gaussian filter", version=f"fwhm{fwhm_mm:g}mm",
-            description=f"Gaussian filter, FWHM {fwhm_mm:g} mm", uses_ct=False, requires_ct=False,
+            name="Gaussian filter",
+            version=f"fwhm{fwhm_mm:g}mm",
+            description=f"Gaussian filter, FWHM {fwhm_mm:g} mm (classical fallback, not uPETe)",
+            uses_ct=False,
+            requires_ct=False,
         )
+
+    @property
+    def fwhm_mm(self) -> float:
+        return self.params["fwhm_mm"]
 
     def enhance_array(self, pet_bqml, ct_hu=None, *, spacing_mm, progress=None):
         pet = _float32(pet_bqml)
-        sigma_vox = [self.params["fwhm_mm"] / FWHM_PER_SIGMA / s for s in spacing_mm]
-        return ndimage.gaussian_filter(pet, sigma=sigma_vox, mode="nearest").astype(np.float32)
+        sigma_vox = [self.fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
+        _report(progress, 0.0, "gaussian")
+        out = ndimage.gaussian_filter(pet, sigma=sigma_vox, mode="nearest").astype(np.float32)
+        _report(progress, 1.0, "gaussian")
+        return out
 
 
 class NLMEnhancer(Enhancer):
@@ -332,7 +342,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "lpet": MethodSpec(LPETEnhancer, {}),
     "gaussian": MethodSpec(
-        GaussianBaseline, {"fwhm_mm": 8.0},
+        GaussianEnhancer, {"fwhm_mm": 8.0},
         {"fwhm_mm": (3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 16.0, 20.0, 25.0, 30.0)},
     ),
     "nlm": MethodSpec(NLMEnhancer, {"h_factor": 3.5}, {"h_factor": (2.0, 3.5, 6.0, 10.0, 16.0, 25.0)}),
@@ -352,31 +362,3 @@ def make_baseline(method: str, **params: Any) -> Enhancer:
         raise ValueError(f"unknown baseline {method!r}; known: {', '.join(METHODS)}")
     spec = METHODS[method]
     return spec.factory(**{**spec.defaults, **params})
-
-
-class GaussianEnhancer(Enhancer):
-    """Classical fallback: an isotropic Gaussian filter of ``fwhm_mm``. Preserves total activity."""
-
-    def __init__(self, *, fwhm_mm: float = 6.0) -> None:
-        if fwhm_mm <= 0:
-            raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
-        self.fwhm_mm = fwhm_mm
-        self.info = EnhancerInfo(
-            name="Gaussian filter",
-            version=f"fwhm{fwhm_mm:g}mm",
-            description=f"Gaussian filter, FWHM {fwhm_mm:g} mm (classical fallback, not uPETe)",
-            uses_ct=False,
-            requires_ct=False,
-        )
-
-    def enhance_array(self, pet_bqml, ct_hu=None, *, spacing_mm, progress=None):
-        from scipy.ndimage import gaussian_filter
-
-        sigma_vox = [self.fwhm_mm / 2.3548 / s for s in spacing_mm]
-        if progress:
-            progress(0.0, "gaussian")
-        # mode="constant" would leak activity out at the edges; "nearest" keeps the total close.
-        out = gaussian_filter(pet_bqml.astype(np.float32), sigma=sigma_vox, mode="nearest")
-        if progress:
-            progress(1.0, "gaussian")
-        return out.astype(np.float32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from model.physics.filters import FWHM_PER_SIGMA
+from model.units import FWHM_PER_SIGMA
 
 __all__ = ["preserve_local_mean"]
 

@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FWHM_PER_SIGMA", "gaussian_kernel1d", "gaussian_filter_axial", "gaussian_filter_inplane"]
+from model.units import FWHM_PER_SIGMA
 
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # ≈ 2.3548
+__all__ = ["FWHM_PER_SIGMA", "gaussian_kernel1d", "gaussian_filter_axial", "gaussian_filter_inplane"]
 
 
 def gaussian_kernel1d(fwhm_mm: float, spacing_mm: float, *, device=None) -> torch.Tensor:

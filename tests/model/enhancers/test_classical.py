@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from model.enhance import Enhancer
 from model.enhancers.classical import METHODS, body_box, estimate_noise_sigma, make_baseline
 from model.evaluation.tuning import central_slab, tune
+from model.units import FWHM_PER_SIGMA
 from tests.support.toy_cases import toy_case
 
 
@@ -115,7 +116,7 @@ def test_central_slab(case) -> None:
 
 def _bilateral_brute_force(pet, ct, spacing, fwhm_mm, sigma_hu):
     """out(p) = Σ_q Gs Gr PET(q) / Σ_q Gs Gr over every q in the volume, one voxel at a time."""
-    sigma = fwhm_mm / 2.3548
+    sigma = fwhm_mm / FWHM_PER_SIGMA
     expected = np.zeros_like(pet)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in pet.shape], indexing="ij"), -1).reshape(-1, 3)
     for p in grid:

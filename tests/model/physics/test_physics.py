@@ -21,6 +21,7 @@ from model.physics import (
     reconstruct,
     thin_counts,
 )
+from model.units import FWHM_PER_SIGMA
 
 PIXEL_MM = 2.0
 
@@ -399,7 +400,7 @@ def test_gaussian_filters_match_scipy_and_zero_mode_is_self_adjoint() -> None:
     from model.physics.filters import gaussian_filter_axial, gaussian_filter_inplane
 
     x = torch.rand(6, 30, 30, generator=torch.Generator().manual_seed(12))
-    sigma = 5.0 / 2.3548 / PIXEL_MM
+    sigma = 5.0 / FWHM_PER_SIGMA / PIXEL_MM
     ours = gaussian_filter_inplane(x, 5.0, PIXEL_MM, mode="replicate").numpy()
     ref = gaussian_filter(x.numpy(), (0, sigma, sigma), mode="nearest", truncate=3.5)
     assert np.abs(ours - ref).max() < 2e-3
