@@ -144,7 +144,7 @@ def _command_line(argv: list[str]) -> str:
 
 def _extra_methods(items: list[str]) -> dict:
     """``--enhancer NAME=SPEC`` → {name: PerDose}; raises ValueError on a malformed item."""
-    from model.enhance import load_enhancer
+    from model.enhance import InferenceOptions, load_enhancer
     from model.evaluation.evaluate import PerDose
 
     extra = {}
@@ -152,7 +152,9 @@ def _extra_methods(items: list[str]) -> dict:
         name, _, spec = item.partition("=")
         if not spec:
             raise ValueError(f"--enhancer wants NAME=SPEC, found {item!r}")
-        extra[name] = PerDose(lambda d, spec=spec: load_enhancer(spec, dose_fraction=d))
+        extra[name] = PerDose(
+            lambda d, spec=spec: load_enhancer(spec, options=InferenceOptions(dose_fraction=d))
+        )
     return extra
 
 

@@ -117,15 +117,14 @@ def measure(args: argparse.Namespace) -> dict:
     from dicomnode.config import OutputSettings
     from dicomnode.folders import find_series
     from dicomnode.pipeline import enhance_series
-    from model.enhance import load_enhancer
+    from model.enhance import InferenceOptions, load_enhancer
 
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    enhancer = load_enhancer(args.checkpoint, device=args.device, steps=args.steps,
-                             dose_fraction=args.dose_fraction)
-    for name, value in json.loads(args.settings).items():
-        setattr(enhancer, name, value)
+    options = InferenceOptions(device=args.device, steps=args.steps, dose_fraction=args.dose_fraction,
+                               **json.loads(args.settings))
+    enhancer = load_enhancer(args.checkpoint, options=options)
     load_s = time.perf_counter() - started
+    torch.set_num_threads(args.threads)  # after the load, which picks the threads a node would use
     cuda = enhancer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -219,10 +218,9 @@ def verify(
     """Optimised (the run's ``settings``) vs unoptimised inference on a crop of the case, same model."""
     import torch
 
-    from model.enhance import load_enhancer
+    from model.enhance import InferenceOptions, load_enhancer
     from model.evaluation.metrics import psnr
 
-    torch.set_num_threads(threads)
     data = np.load(arrays)
     lpet, spet, ct = data["lpet"], data["spet"], data["ct"]
     z0 = (lpet.shape[0] - shape[0]) // 2
@@ -233,9 +231,9 @@ def verify(
     outputs, seconds = {}, {}
     variants = {"unoptimised": {"tile_batch": 2, "skip_air_ct": False}, "optimised": settings}
     for name, chosen in variants.items():
-        enhancer = load_enhancer(str(checkpoint), device="cpu", steps=steps, dose_fraction=dose)
-        for key, value in chosen.items():
-            setattr(enhancer, key, value)
+        options = InferenceOptions(device="cpu", steps=steps, dose_fraction=dose, **chosen)
+        enhancer = load_enhancer(str(checkpoint), options=options)
+        torch.set_num_threads(threads)  # after the load, which picks the threads a node would use
         started = time.perf_counter()
         outputs[name] = enhancer.enhance_array(lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
         seconds[name] = time.perf_counter() - started

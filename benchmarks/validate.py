@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.enhance import GaussianEnhancer, load_enhancer  # noqa: E402
+from model.enhance import GaussianEnhancer, InferenceOptions, load_enhancer  # noqa: E402
 from model.enhancers.tiling import Blender, gaussian_weights, tile_starts, tile_windows  # noqa: E402
 from model.evaluation.evaluate import as_eval_case, lpet_at, score_volume  # noqa: E402
 from model.networks.checkpoint import load_checkpoint, read_training_meta, save_checkpoint  # noqa: E402
@@ -109,7 +109,9 @@ def enhancement(checkpoint: str, cases: list[Path], doses: list[float], steps: i
         methods = {
             "LPET": None,
             "Gaussian (tuned)": GaussianEnhancer(fwhm_mm=tuned[f"{dose:g}"]["params"]["fwhm_mm"]),
-            "model": load_enhancer(checkpoint, device="cpu", dose_fraction=dose, steps=steps),
+            "model": load_enhancer(
+                checkpoint, options=InferenceOptions(device="cpu", dose_fraction=dose, steps=steps)
+            ),
         }
         for name, method in methods.items():
             psnr, ssim, psnr_exp, bias, started = [], [], [], [], time.perf_counter()

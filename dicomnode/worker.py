@@ -47,17 +47,16 @@ class Enhancers:
     @classmethod
     def load(cls, settings: Settings) -> Enhancers:
         """Build both from ``settings.model`` (raises what :func:`load_enhancer` raises)."""
+        from model.enhance import InferenceOptions
+
         model = settings.model
-        options = {
-            "device": model.device,
-            "steps": model.steps,
-            "dose_fraction": model.dose_fraction,
-            "seed": model.seed,
-        }
-        main = load_enhancer(resolve_checkpoint(model.checkpoint), **options)
+        options = InferenceOptions(
+            device=model.device, steps=model.steps, dose_fraction=model.dose_fraction, seed=model.seed
+        )
+        main = load_enhancer(resolve_checkpoint(model.checkpoint), options=options)
         without_ct = None
         if model.checkpoint_without_ct is not None:
-            without_ct = load_enhancer(resolve_checkpoint(model.checkpoint_without_ct), **options)
+            without_ct = load_enhancer(resolve_checkpoint(model.checkpoint_without_ct), options=options)
         return cls(main=main, without_ct=without_ct)
 
     def for_variant(self, variant: str) -> Enhancer:

@@ -11,30 +11,25 @@ from pathlib import Path
 
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
 from model.enhancers.classical import GaussianEnhancer
+from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 
 __all__ = [
     "Enhancer",
     "EnhancerInfo",
     "GaussianEnhancer",
+    "InferenceOptions",
     "Progress",
     "load_enhancer",
 ]
 
 
-def load_enhancer(
-    spec: str,
-    *,
-    device: str = "auto",
-    steps: int | None = None,
-    dose_fraction: float | None = None,
-    seed: int = 0,
-) -> Enhancer:
-    """Build the enhancer a config names.
+def load_enhancer(spec: str, *, options: InferenceOptions = DEFAULT_OPTIONS) -> Enhancer:
+    """Build the enhancer a config names, run as ``options`` say.
 
     ``spec`` is ``"classical:gaussian"`` (optionally ``"classical:gaussian:FWHM_MM"``) or the path of a
     ``.safetensors`` checkpoint with its JSON config beside it: a uPETe diffusion model, or the
-    supervised reference U-Net when the JSON says ``"kind": "supervised"`` (``steps``,
-    ``dose_fraction`` and ``seed`` do not apply to it).
+    supervised reference U-Net when the JSON says ``"kind": "supervised"`` (of ``options`` only the
+    device applies to it). The classical filter ignores ``options``.
     """
     if spec.startswith("classical:"):
         parts = spec.split(":")
@@ -47,13 +42,16 @@ def load_enhancer(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {spec} does not exist")
     # Imported here: torch and the networks load only when a model checkpoint is asked for.
+    from model.enhancers.threads import use_usable_cpus
+
+    use_usable_cpus()
     if _checkpoint_kind(path) == "supervised":
         from model.enhancers.supervised import load_supervised_enhancer
 
-        return load_supervised_enhancer(path, device=device)  # trained at one dose: no t*, no sampler
+        return load_supervised_enhancer(path, options)
     from model.enhancers.diffusion import load_diffusion_enhancer
 
-    return load_diffusion_enhancer(path, device=device, steps=steps, dose_fraction=dose_fraction, seed=seed)
+    return load_diffusion_enhancer(path, options)
 
 
 def _checkpoint_kind(path: Path) -> str | None:

@@ -14,20 +14,13 @@ import torch
 
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
 from model.enhancers.device import resolve_inference_device
-from model.enhancers.tiling import (
-    Blender,
-    gaussian_weights,
-    pad_to_shape,
-    split_air,
-    tile_starts,
-    tile_windows,
-)
+from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
+from model.enhancers.tiling import run_tiled
 from model.grid import ModelGrid
 from model.networks.checkpoint import weights_digest
 from model.networks.supervised_unet import SupervisedUNet, load_supervised
 
 __all__ = ["SupervisedEnhancer", "load_supervised_enhancer"]
-
 
 
 class SupervisedEnhancer(Enhancer):
@@ -37,6 +30,7 @@ class SupervisedEnhancer(Enhancer):
         self.model = model.to(device).eval()
         self.config = model.config
         self.device = torch.device(device)
+        self.tile_counts: dict[str, int] = {}  # after each call: tiles in all, run, skipped as air
         dose = self.config.dose
         self.info = EnhancerInfo(
             name="Supervised U-Net",
@@ -49,36 +43,20 @@ class SupervisedEnhancer(Enhancer):
             requires_ct=False,
         )
 
-    def _corners(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
-        overlap = self.config.tile_overlap
-        starts = [tile_starts(n, p, overlap) for n, p in zip(shape, self.config.patch_size, strict=True)]
-        return [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-
     @torch.no_grad()
     def run_tiles(self, x: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Enhance a normalised ``(z, y, x)`` array on the model's grid; returns the same shape."""
-        patch = self.config.patch_size
-        padded_shape = tuple(max(n, p) for n, p in zip(x.shape, patch, strict=True))
-        x_pad, crop = pad_to_shape(x, padded_shape, 0.0)  # air beyond the volume, as in training
-        corners = self._corners(padded_shape)
-        weights = gaussian_weights(patch) if len(corners) > 1 else np.ones(patch, dtype=np.float32)
-        blend = Blender(padded_shape, weights)
-        windows = tile_windows(corners, patch)
-        busy, air = split_air(x_pad, windows)  # pure air is kept as it is (model/enhancers/tiling.py)
-        for w in air:
-            blend.add(w, x_pad[w])
-        done = len(air)
-        step = self.config.tile_batch
-        for i in range(0, len(busy), step):
-            batch = busy[i : i + step]
-            xs = torch.from_numpy(np.stack([x_pad[w] for w in batch])[:, None]).to(self.device)
-            out = self.model(xs).float().cpu().numpy()[:, 0]
-            for w, o in zip(batch, out, strict=True):
-                blend.add(w, o)
-            done += len(batch)
-            if progress:
-                progress(done / len(windows), "supervised")
-        return blend.result()[crop]
+
+        def run_batch(pet_tiles: np.ndarray, _ct: np.ndarray | None) -> np.ndarray:
+            xs = torch.from_numpy(pet_tiles[:, None]).to(self.device)
+            return self.model(xs).float().cpu().numpy()[:, 0]
+
+        tiled = run_tiled(  # air beyond the volume, as in training; pure-air tiles kept as they are
+            x, run_batch, tile=self.config.patch_size, overlap=self.config.tile_overlap,
+            batch_size=self.config.tile_batch, progress=progress, stage="supervised",
+        )
+        self.tile_counts = tiled.counts
+        return tiled.volume
 
     def enhance_array(
         self,
@@ -103,7 +81,13 @@ class SupervisedEnhancer(Enhancer):
         return np.clip(out, 0.0, None).astype(np.float32)
 
 
-def load_supervised_enhancer(path: str | Path, *, device: str = "auto") -> SupervisedEnhancer:
-    """Load a supervised ``.safetensors`` checkpoint (+ JSON) as a :class:`SupervisedEnhancer`."""
-    dev = resolve_inference_device(device)
+def load_supervised_enhancer(
+    path: str | Path, options: InferenceOptions = DEFAULT_OPTIONS
+) -> SupervisedEnhancer:
+    """Load a supervised ``.safetensors`` checkpoint (+ JSON) as a :class:`SupervisedEnhancer`.
+
+    Of ``options`` only the device applies: the network was trained at one dose (no t*, no sampler)
+    and tiles as its own config says.
+    """
+    dev = resolve_inference_device(options.device)
     return SupervisedEnhancer(load_supervised(path, device=dev), version=weights_digest(path), device=dev)

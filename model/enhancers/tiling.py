@@ -1,21 +1,29 @@
 """Overlapping tiles of a volume and their Gaussian blending, shared by the model-based enhancers.
 
-Networks with GroupNorm see different statistics on a whole volume than on a training patch
-(DESIGN.md §4), so enhancers run on tiles of the training patch size and blend them back with
-weights that fall off towards each tile's edge.
+Networks with GroupNorm see different statistics on a whole volume than on a training patch (its
+per-sample mean and variance would mix air, body and hot spots that no patch held together), so
+enhancers run on tiles of the training patch size and blend them back with weights that fall off
+towards each tile's edge. :func:`run_tiled` is that loop, shared by every model-based enhancer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from model.grid import AIR_HU
+
 __all__ = [
     "Blender",
+    "CTAir",
+    "Tiled",
     "Window",
     "gaussian_weights",
     "pad_to_shape",
+    "run_tiled",
     "split_air",
     "split_air_by_ct",
     "tile_starts",
@@ -113,3 +121,81 @@ def split_air_by_ct(
             empty = float(pet[w].max()) < pet_limit
         (air if empty else busy).append(w)
     return busy, air
+
+
+#: ``run_batch(pet_tiles, ct_tiles)``: ``(B, *tile)`` float32 arrays (``ct_tiles`` None without a CT)
+#: in, the ``(B, *tile)`` enhanced tiles out.
+BatchFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class CTAir:
+    """When a tile counts as air by the CT (see :func:`split_air_by_ct`)."""
+
+    air_hu: float
+    pet_limit: float | None  # in the units of the array that is tiled
+
+
+@dataclass(frozen=True)
+class Tiled:
+    """What :func:`run_tiled` returns: the blended volume and how many tiles ran and were skipped."""
+
+    volume: np.ndarray
+    tiles: int
+    run: int
+    skipped_air: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"tiles": self.tiles, "run": self.run, "skipped_air": self.skipped_air}
+
+
+def run_tiled(
+    x: np.ndarray,
+    run_batch: BatchFn,
+    *,
+    tile: tuple[int, int, int],
+    overlap: float,
+    batch_size: int,
+    ct: np.ndarray | None = None,
+    ct_air: CTAir | None = None,
+    pad_hu: float = AIR_HU,
+    progress: Callable[[float, str], None] | None = None,
+    stage: str = "tiles",
+) -> Tiled:
+    """Enhance ``x`` (``(z, y, x)``) tile by tile with ``run_batch``; returns it blended, same shape.
+
+    ``x`` is padded with 0 (air) and ``ct`` with ``pad_hu`` up to at least one ``tile``; tiles
+    overlapping by ≈ ``overlap`` are blended with :func:`gaussian_weights` (a single tile with weight 1).
+    Tiles of pure air (:func:`split_air`) and, with ``ct_air`` and a CT, tiles outside the patient
+    (:func:`split_air_by_ct`) are kept as they are; the others go through ``run_batch``
+    ``batch_size`` at a time, in tile order, and ``progress(done / tiles, stage)`` follows each batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, found {batch_size}")
+    padded_shape = tuple(max(n, t) for n, t in zip(x.shape, tile, strict=True))
+    x_pad, crop = pad_to_shape(x, padded_shape, 0.0)
+    ct_pad = pad_to_shape(ct, padded_shape, pad_hu)[0] if ct is not None else None
+    starts = [tile_starts(n, t, overlap) for n, t in zip(padded_shape, tile, strict=True)]
+    corners = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    weights = gaussian_weights(tile) if len(corners) > 1 else np.ones(tile, dtype=np.float32)
+    blend = Blender(padded_shape, weights)
+    busy, air = split_air(x_pad, tile_windows(corners, tile))
+    if ct_air is not None and ct_pad is not None and len(corners) > 1:
+        busy, outside = split_air_by_ct(
+            ct_pad, busy, air_hu=ct_air.air_hu, pet=x_pad, pet_limit=ct_air.pet_limit
+        )
+        air += outside
+    for w in air:  # kept as they are: nothing there to enhance
+        blend.add(w, x_pad[w])
+    done = len(air)
+    for i in range(0, len(busy), batch_size):
+        windows = busy[i : i + batch_size]
+        cts = np.stack([ct_pad[w] for w in windows]) if ct_pad is not None else None
+        out = run_batch(np.stack([x_pad[w] for w in windows]), cts)
+        for w, o in zip(windows, out, strict=True):
+            blend.add(w, o)
+        done += len(windows)
+        if progress:
+            progress(done / len(corners), stage)
+    return Tiled(blend.result()[crop], tiles=len(corners), run=len(busy), skipped_air=len(air))

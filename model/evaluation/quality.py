@@ -154,10 +154,11 @@ def checkpoint_method(
     """A checkpoint as a method, loaded once per dose through :func:`model.enhance.load_enhancer`
     (the diffusion model's t* depends on the dose; ``steps`` None = the checkpoint's default;
     ``doses`` None = run at every dose, else only at these)."""
-    from model.enhance import load_enhancer
+    from model.enhance import InferenceOptions, load_enhancer
 
     def factory(dose: float) -> MethodLike:
-        enhancer = load_enhancer(str(path), device=device, steps=steps, dose_fraction=dose)
+        options = InferenceOptions(device=device, steps=steps, dose_fraction=dose)
+        enhancer = load_enhancer(str(path), options=options)
         if hasattr(enhancer, "steps"):
             # The weights digest alone is the cache version: without the steps in it, a score at one
             # step count would be taken for another's.

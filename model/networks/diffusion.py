@@ -75,6 +75,18 @@ class ScheduleConfig:
     beta_start: float = 2.5e-4  # DDPM's 1e-4 … 0.02 for T = 1000, rescaled to keep ᾱ_T for T = 400
     beta_end: float = 0.05
 
+    def dose_at(self, t: int | float) -> float:
+        """The Poisson schedule's dose at step t: d_t = d_min^(t/T)."""
+        return float(self.dose_min ** (float(t) / self.timesteps))
+
+    def t_from_dose(self, dose_fraction: float) -> float:
+        """t* = T · log d / log d_min, clipped to [0, T]: where an LPET of dose d sits on the Poisson
+        schedule (every variant places the LPET there; the Gaussian ones then map it to their own t)."""
+        if not 0 < dose_fraction <= 1:
+            raise ValueError(f"dose fraction must be in (0, 1], found {dose_fraction}")
+        t = self.timesteps * math.log(dose_fraction) / math.log(self.dose_min)
+        return float(min(max(t, 0.0), self.timesteps))
+
     def validate(self) -> None:
         if self.kind not in ("poisson", "gaussian"):
             raise ValueError(f"ScheduleConfig.kind must be 'poisson' or 'gaussian', found {self.kind!r}")
@@ -164,14 +176,11 @@ class PoissonSchedule(NoiseSchedule):
 
     def dose_at(self, t: int | float) -> float:
         """d_t = d_min^(t/T)."""
-        return float(self.config.dose_min ** (float(t) / self.timesteps))
+        return self.config.dose_at(t)
 
     def t_from_dose(self, dose_fraction: float) -> float:
-        """t* = T · log d / log d_min (DESIGN.md §4), clipped to [0, T]."""
-        if not 0 < dose_fraction <= 1:
-            raise ValueError(f"dose fraction must be in (0, 1], found {dose_fraction}")
-        t = self.timesteps * math.log(dose_fraction) / math.log(self.config.dose_min)
-        return float(min(max(t, 0.0), self.timesteps))
+        """The step whose dose is ``dose_fraction`` (see :meth:`ScheduleConfig.t_from_dose`)."""
+        return self.config.t_from_dose(dose_fraction)
 
 
 def build_schedule(config: ScheduleConfig, curve: NoiseCurve | None = None) -> NoiseSchedule:

@@ -57,7 +57,7 @@ def test_without_what_suv_needs_the_scale_is_bqml_and_says_why(overrides: dict, 
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, object]:
     tmp = tmp_path_factory.mktemp("preview")
     study = make_study(tmp / "in")
-    enhancer = load_enhancer("classical:gaussian", device="cpu")
+    enhancer = load_enhancer("classical:gaussian")
     result = enhance_series(study.pet_paths, study.ct_paths, enhancer, tmp / "job", output=OutputSettings())
     return tmp / "job", study, result
 

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from dicomnode.folders import FolderError, find_series
     from dicomnode.pipeline import enhance_series
     from dicomnode.volume import VolumeError
-    from model.enhance import Enhancer, load_enhancer
+    from model.enhance import Enhancer, InferenceOptions, load_enhancer
 
     try:
         pet_paths = find_series(args.pet, "PT")
@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     spec = model.checkpoint
 
     def load(spec: str) -> Enhancer:
-        return load_enhancer(resolve_checkpoint(spec), device=device, steps=model.steps,
-                             dose_fraction=model.dose_fraction, seed=model.seed)
+        options = InferenceOptions(device=device, steps=model.steps, dose_fraction=model.dose_fraction,
+                                   seed=model.seed)
+        return load_enhancer(resolve_checkpoint(spec), options=options)
 
     try:
         enhancer = load(spec)

@@ -6,15 +6,22 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from model.enhance import load_enhancer
-from model.enhancers.diffusion import DiffusionEnhancer, _gaussian_weights, tile_starts
+from model.enhance import InferenceOptions, load_enhancer
+from model.enhancers.diffusion import DiffusionEnhancer
+from model.enhancers.tiling import gaussian_weights, tile_starts
 from model.networks.upete_model import NormalisationConfig
+from model.units import FWHM_PER_SIGMA
 from tests.support.model_toys import one_thread, tiny_checkpoint, tiny_phantom  # noqa: F401 - one_thread: autouse fixture
+
+
+def _load(path, **options):  # noqa: ANN001, ANN202
+    """The enhancer of checkpoint ``path`` on the CPU."""
+    return load_enhancer(str(path), options=InferenceOptions(device="cpu", **options))
 
 
 @pytest.mark.parametrize("variant", ["ldm", "ldm-p", "ldm-ct", "ldm-p-ct"])
 def test_enhancer_runs_end_to_end_on_a_small_volume(tmp_path, variant: str) -> None:
-    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, variant)), device="cpu", steps=3)
+    enhancer = _load(tiny_checkpoint(tmp_path, variant), steps=3)
     assert isinstance(enhancer, DiffusionEnhancer)
     assert enhancer.info.uses_ct == enhancer.info.requires_ct == variant.endswith("ct")
     assert enhancer.info.name == f"uPETe {variant.upper()}" and len(enhancer.info.version) == 12
@@ -31,15 +38,15 @@ def test_enhancer_runs_end_to_end_on_a_small_volume(tmp_path, variant: str) -> N
 def test_same_seed_same_output_and_the_gaussian_variant_depends_on_the_seed(tmp_path) -> None:
     path = str(tiny_checkpoint(tmp_path, "ldm"))
     pet, _ = tiny_phantom(2, (16, 32, 32))
-    a = load_enhancer(path, device="cpu", steps=2, seed=5).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
-    b = load_enhancer(path, device="cpu", steps=2, seed=5).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
-    c = load_enhancer(path, device="cpu", steps=2, seed=6).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    a = _load(path, steps=2, seed=5).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    b = _load(path, steps=2, seed=5).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    c = _load(path, steps=2, seed=6).enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)  # LDM noises the LPET latent to t*
 
 
 def test_ct_variant_needs_the_ct(tmp_path) -> None:
-    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, "ldm-p-ct")), device="cpu")
+    enhancer = _load(tiny_checkpoint(tmp_path, "ldm-p-ct"))
     pet, _ = tiny_phantom(0, (16, 32, 32))
     with pytest.raises(ValueError, match="needs a CT"):
         enhancer.enhance_array(pet, None, spacing_mm=(2.0, 2.0, 2.0))
@@ -48,10 +55,10 @@ def test_ct_variant_needs_the_ct(tmp_path) -> None:
 @pytest.mark.parametrize("mode", ["fixed", "minmax"])
 def test_normalisation_is_inverted_exactly(tmp_path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     path = tiny_checkpoint(tmp_path, "ldm-p", normalisation=NormalisationConfig(mode=mode, scale_bqml=3000.0))
-    enhancer = load_enhancer(str(path), device="cpu")
+    enhancer = _load(path)
     seen = {}
 
-    def identity(x, ct, t_poisson, progress):  # the model as the identity: what goes in must come out
+    def identity(x, ct, t_poisson, progress, *_):  # the model as the identity: what goes in must come out
         seen["x"] = x
         return x
 
@@ -66,9 +73,9 @@ def test_normalisation_is_inverted_exactly(tmp_path, monkeypatch: pytest.MonkeyP
 
 
 def test_other_spacings_are_resampled_to_2mm_and_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, "ldm-p")), device="cpu")
+    enhancer = _load(tiny_checkpoint(tmp_path, "ldm-p"))
     shapes = []
-    monkeypatch.setattr(enhancer, "_run_tiles", lambda x, ct, t, p: shapes.append(x.shape) or x)
+    monkeypatch.setattr(enhancer, "_run_tiles", lambda x, ct, t, p, *_: shapes.append(x.shape) or x)
     pet, _ = tiny_phantom(0, (20, 32, 32))
     out = enhancer.enhance_array(pet, spacing_mm=(3.0, 4.0, 4.0))
     assert shapes == [(30, 64, 64)]  # same extent on the 2 mm grid
@@ -81,9 +88,9 @@ def test_other_spacings_are_resampled_to_2mm_and_back(tmp_path, monkeypatch: pyt
 
 def test_dose_fraction_or_noise_places_the_lpet_on_the_schedule(tmp_path) -> None:
     path = str(tiny_checkpoint(tmp_path, "ldm-p"))
-    known = load_enhancer(path, device="cpu", dose_fraction=0.1)
+    known = _load(path, dose_fraction=0.1)
     assert known.poisson_step(np.zeros((4, 4, 4))) == pytest.approx(400 / 3)
-    estimated = load_enhancer(path, device="cpu")
+    estimated = _load(path)
     quiet, noisy = np.full((8, 16, 16), 1.0), np.random.default_rng(0).poisson(10.0, (8, 16, 16)) / 10.0
     assert estimated.poisson_step(quiet) == 0.0
     assert 0 < estimated.poisson_step(noisy) <= 400
@@ -94,7 +101,7 @@ def test_tiles_cover_the_volume_and_blend_smoothly() -> None:
     starts = tile_starts(100, 32, 0.25)
     assert starts[0] == 0 and starts[-1] == 68
     assert all(b - a <= 24 for a, b in zip(starts, starts[1:], strict=False))
-    w = _gaussian_weights((16, 32, 32))
+    w = gaussian_weights((16, 32, 32))
     assert w.max() == pytest.approx(1.0) and w.min() >= 1e-3
     assert w[8, 16, 16] > w[0, 16, 16]
 
@@ -102,16 +109,15 @@ def test_tiles_cover_the_volume_and_blend_smoothly() -> None:
 def test_tiled_and_whole_volume_inference_agree_on_a_one_patch_volume(tmp_path) -> None:
     path = tiny_checkpoint(tmp_path, "ldm-p-ct")
     pet, ct = tiny_phantom(0, (16, 32, 32))
-    tiled = load_enhancer(str(path), device="cpu", steps=2)
-    whole = load_enhancer(str(path), device="cpu", steps=2)
-    whole.tiling = "whole"
+    tiled = _load(path, steps=2)
+    whole = _load(path, steps=2, tiling="whole")
     a = tiled.enhance_array(pet, ct, spacing_mm=(2.0, 2.0, 2.0))
     b = whole.enhance_array(pet, ct, spacing_mm=(2.0, 2.0, 2.0))
     np.testing.assert_array_equal(a, b)
 
 
 def test_sitk_interface_keeps_the_geometry(tmp_path) -> None:
-    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, "ldm-p")), device="cpu", steps=2)
+    enhancer = _load(tiny_checkpoint(tmp_path, "ldm-p"), steps=2)
     pet, _ = tiny_phantom(0, (16, 32, 32))
     image = sitk.GetImageFromArray(pet)
     image.SetSpacing((2.0, 2.0, 2.0))
@@ -123,11 +129,11 @@ def test_sitk_interface_keeps_the_geometry(tmp_path) -> None:
 def test_a_checkpoint_without_a_trained_denoiser_is_refused(tmp_path) -> None:
     path = tiny_checkpoint(tmp_path, "ldm-p", training={"denoiser": {"steps": 0}})
     with pytest.raises(ValueError, match="autoencoder only"):
-        load_enhancer(str(path), device="cpu")
+        _load(path)
 
 
 def test_tiles_of_pure_air_are_not_run_through_the_model(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    enhancer = load_enhancer(str(tiny_checkpoint(tmp_path, "ldm-p")), device="cpu", steps=2)
+    enhancer = _load(tiny_checkpoint(tmp_path, "ldm-p"), steps=2)
     pet = np.zeros((16, 32, 96), dtype=np.float32)
     pet[:, :, :32] = tiny_phantom(0, (16, 32, 32))[0]  # activity in the first third only
     calls = []
@@ -146,10 +152,10 @@ def test_local_mean_setting_keeps_the_lpets_activity_at_that_scale(
     from model.networks.upete_model import SamplerConfig
 
     path = tiny_checkpoint(tmp_path, "ldm-p", sampler=SamplerConfig(steps=2, local_mean_fwhm_mm=20.0))
-    enhancer = load_enhancer(str(path), device="cpu")
+    enhancer = _load(path)
     assert "local mean kept at 20 mm" in enhancer.info.description
 
-    def drifting(x, ct, t_poisson, progress):  # a "model" that raises the hot half by 30 %
+    def drifting(x, ct, t_poisson, progress, *_):  # a "model" that raises the hot half by 30 %
         out = x.copy()
         out[:, :, x.shape[2] // 2 :] *= 1.3
         return out
@@ -157,7 +163,7 @@ def test_local_mean_setting_keeps_the_lpets_activity_at_that_scale(
     monkeypatch.setattr(enhancer, "_run_tiles", drifting)
     pet, _ = tiny_phantom(0, (24, 48, 48))
     out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
-    sigma = 20.0 / 2.3548 / 2.0
+    sigma = 20.0 / FWHM_PER_SIGMA / 2.0
     local = ndimage.gaussian_filter(out, sigma, mode="nearest", truncate=3.0)
     expected = ndimage.gaussian_filter(pet, sigma, mode="nearest", truncate=3.0)
     body = expected > 0.2 * expected.max()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import DEFAULT_CONFIG, load_settings, resolve_checkpoint
-from model.enhance import load_enhancer
+from model.enhance import InferenceOptions, load_enhancer
 from model.enhancers.classical import make_baseline
 from model.evaluation.metrics import paper_psnr_ssim
 from tests.support.model_toys import one_thread  # noqa: F401 - autouse fixture
@@ -60,7 +60,8 @@ def case():
 
 @pytest.mark.parametrize("variant", sorted(SHIPPED))
 def test_shipped_model_improves_psnr_on_a_small_phantom(case, variant: str) -> None:
-    enhancer = load_enhancer(str(SHIPPED[variant]), device="cpu", dose_fraction=DOSE)
+    options = InferenceOptions(device="cpu", dose_fraction=DOSE)
+    enhancer = load_enhancer(str(SHIPPED[variant]), options=options)
     lpet = case.lpet_bqml[DOSE]
     ct = case.ct_hu if enhancer.info.uses_ct else None
     out = enhancer.enhance_array(lpet, ct, spacing_mm=case.spacing_mm)

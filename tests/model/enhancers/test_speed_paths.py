@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.enhance import load_enhancer
+from model.enhance import InferenceOptions, load_enhancer
 from model.enhancers.tiling import Blender, split_air, split_air_by_ct, tile_windows
 from model.evaluation.metrics import psnr
 from model.networks.unet import RelativePositionBias
@@ -33,9 +33,7 @@ def patient_in_air(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _enhance(path: str, pet: np.ndarray, ct: np.ndarray, **settings):  # noqa: ANN202
-    enhancer = load_enhancer(path, device="cpu", steps=3, seed=1)
-    for key, value in settings.items():
-        setattr(enhancer, key, value)
+    enhancer = load_enhancer(path, options=InferenceOptions(device="cpu", steps=3, seed=1, **settings))
     out = enhancer.enhance_array(pet, ct if enhancer.info.uses_ct else None, spacing_mm=(2.0, 2.0, 2.0))
     return out, enhancer
 
@@ -86,15 +84,19 @@ def test_timings_name_every_stage_of_the_last_call(tmp_path) -> None:
     assert set(enhancer.timings) == STAGES  # reset per call, not accumulated across calls
 
 
-def test_settings_are_checked(tmp_path) -> None:
-    from model.enhancers.diffusion import DiffusionEnhancer
-    from model.networks.checkpoint import load_checkpoint
-
-    model = load_checkpoint(tiny_checkpoint(tmp_path, "ldm-p"))
-    with pytest.raises(ValueError, match="tile_batch"):
-        DiffusionEnhancer(model, version="x", tile_batch=0)
-    with pytest.raises(ValueError, match="tile_overlap"):
-        DiffusionEnhancer(model, version="x", tile_overlap=1.0)
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"tile_batch": 0}, "tile_batch must be ≥ 1, found 0"),
+        ({"tile_overlap": 1.0}, r"tile_overlap must be in \[0, 1\), found 1.0"),
+        ({"tiling": "slices"}, "tiling must be one of auto, whole, found 'slices'"),
+        ({"dose_fraction": 0.0}, r"dose_fraction must be in \(0, 1\], found 0.0"),
+        ({"steps": 0}, "steps must be ≥ 1, found 0"),
+    ],
+)
+def test_settings_are_checked_when_the_options_are_built(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        InferenceOptions(**setting)
 
 
 def test_split_air_and_blender() -> None:

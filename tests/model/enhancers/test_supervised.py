@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from model.enhance import load_enhancer
+from model.enhance import InferenceOptions, load_enhancer
 from model.enhancers.supervised import SupervisedEnhancer
 from model.evaluation import metrics
 from model.networks.supervised_unet import SupervisedConfig, SupervisedUNet, load_supervised, save_supervised
@@ -25,6 +25,11 @@ from tests.support.model_toys import one_thread, tiny_phantom  # noqa: F401 - on
 
 TINY = dict(channels=(8, 16), res_blocks=1, norm_groups=4, patch_size=(8, 16, 16))
 SHAPE = (16, 32, 32)
+
+
+def _load(path, **options):  # noqa: ANN001, ANN202
+    """The enhancer of checkpoint ``path`` on the CPU."""
+    return load_enhancer(str(path), options=InferenceOptions(device="cpu", **options))
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +133,7 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path) -> Non
 
 def test_load_enhancer_routes_a_supervised_checkpoint(tmp_path) -> None:
     path = save_supervised(tmp_path / "supervised-unet.safetensors", _tiny_model())
-    enhancer = load_enhancer(str(path), device="cpu", dose_fraction=0.25)
+    enhancer = _load(path, dose_fraction=0.25)
     assert isinstance(enhancer, SupervisedEnhancer)
     assert enhancer.info.name == "Supervised U-Net" and not enhancer.info.uses_ct
     assert enhancer.info.version in enhancer.info.description
@@ -165,7 +170,8 @@ def test_tiles_of_pure_air_are_not_run_through_the_network(monkeypatch: pytest.M
     forward = enhancer.model.forward
     monkeypatch.setattr(enhancer.model, "forward", lambda x: calls.append(x.shape[0]) or forward(x))
     out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
-    assert 0 < sum(calls) < len(enhancer._corners(pet.shape))
+    assert 0 < sum(calls) == enhancer.tile_counts["run"] < enhancer.tile_counts["tiles"]
+    assert enhancer.tile_counts["skipped_air"] > 0
     assert np.all(out[:, :, 40:] == 0)
 
 
@@ -206,7 +212,7 @@ def test_a_tiny_run_lowers_the_loss_and_the_enhancer_beats_the_lpet(tmp_path) ->
     assert 1000 < config["scale_bqml"] < 20000  # median body activity, a fixed Bq/ml scale
 
     lpet = case.lpet_bqml[dose]
-    out = load_enhancer(str(result.checkpoint), device="cpu").enhance_array(lpet, spacing_mm=(2.0, 2.0, 2.0))
+    out = _load(result.checkpoint).enhance_array(lpet, spacing_mm=(2.0, 2.0, 2.0))
     for ref in (case.spet_bqml, case.expectation_bqml):
         before = metrics.psnr(lpet, ref, data_range=float(ref.max()))
         after = metrics.psnr(out, ref, data_range=float(ref.max()))
@@ -245,7 +251,7 @@ def test_upete_train_variant_supervised_simulates_pairs_and_trains(tmp_path, cap
     assert main(args) == 0
     assert (out / "sim_data_d0.25" / "case_0000" / "arrays.npz").is_file()
     checkpoint = out / "supervised-unet.safetensors"
-    assert isinstance(load_enhancer(str(checkpoint), device="cpu"), SupervisedEnhancer)
+    assert isinstance(_load(checkpoint), SupervisedEnhancer)
     assert "--checkpoint" in capsys.readouterr().out
     assert main([*args, "--dose", "1.5"]) == 2
     assert "--dose must be in (0, 1]" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def _tiny_cli(*extra: str) -> list[str]:
 def test_upete_train_makes_all_four_variants_and_upete_enhance_uses_them(tmp_path, capsys) -> None:
     from dicomnode.config import load_settings
     from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
-    from model.enhance import load_enhancer
+    from model.enhance import InferenceOptions, load_enhancer
     from upete.cli import main
 
     # uPETe itself from two simulated phantoms; the other variants reuse its autoencoder (--init), as
@@ -183,7 +183,7 @@ def test_upete_train_makes_all_four_variants_and_upete_enhance_uses_them(tmp_pat
     pet, ct = tiny_phantom(3, (20, 40, 40))
     for variant in ("ldm", "ldm-p", "ldm-ct", "ldm-p-ct"):
         settings = load_settings(tmp_path / variant / "enhance.yaml")
-        enhancer = load_enhancer(settings.model.checkpoint, device="cpu", steps=2)
+        enhancer = load_enhancer(settings.model.checkpoint, options=InferenceOptions(device="cpu", steps=2))
         assert enhancer.info.name == f"uPETe {variant.upper()}"
         out = enhancer.enhance_array(pet, ct if enhancer.info.uses_ct else None, spacing_mm=(2.0, 2.0, 2.0))
         assert out.shape == pet.shape and np.isfinite(out).all()
