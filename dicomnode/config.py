@@ -7,13 +7,24 @@ key, e.g. ``config/site.yaml: node.prot: unknown key``.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
+import urllib.parse
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -156,18 +167,130 @@ class AssemblySettings(_Section):
     ct_wait_s: float = Field(120.0, ge=0)
 
 
-class DestinationSettings(_Section):
+class HttpAuthSettings(_Section):
+    """HTTP authentication: ``basic`` (``username`` and a password) or ``bearer`` (a token).
+
+    The secret (password or token) is given inline (``secret``), as the first line of a file
+    (``secret_file``) or in an environment variable (``secret_env``): exactly one. It is read when it is
+    used, not when the config is loaded, so ``upete status`` run by another user (who cannot read the
+    service's secret file or environment) still loads the same config.
+    """
+
+    scheme: Literal["basic", "bearer"]
+    username: str | None = None
+    secret: str | None = Field(None, repr=False)
+    secret_file: str | None = None
+    secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> HttpAuthSettings:
+        given = [key for key in ("secret", "secret_file", "secret_env") if getattr(self, key) is not None]
+        if len(given) != 1:
+            found = ", ".join(given) or "none"
+            raise ValueError(f"give exactly one of secret, secret_file or secret_env (found: {found})")
+        if self.scheme == "basic" and not self.username:
+            raise ValueError("scheme basic needs a username")
+        if self.scheme == "basic" and ":" in (self.username or ""):
+            raise ValueError(f"username {self.username!r} must not contain ':' (RFC 7617)")
+        if self.scheme == "bearer" and self.username is not None:
+            raise ValueError("scheme bearer takes no username")
+        return self
+
+    def read_secret(self) -> str:
+        """The password or token; raises :class:`ValueError` naming the file or variable it lacks."""
+        if self.secret is not None:
+            value = self.secret
+        elif self.secret_file is not None:
+            try:
+                lines = Path(self.secret_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"secret_file {self.secret_file!r}: {exc.strerror or exc}") from None
+            value = lines[0].strip() if lines else ""
+        else:
+            value = os.environ.get(str(self.secret_env), "")
+            if not value:
+                raise ValueError(f"secret_env: environment variable {self.secret_env!r} is not set or empty")
+        if not value:
+            raise ValueError(f"the {self.scheme} secret is empty")
+        return value
+
+    def authorization(self) -> str:
+        """The ``Authorization`` header value these credentials make (reads the secret now)."""
+        if self.scheme == "bearer":
+            return f"Bearer {self.read_secret()}"
+        pair = f"{self.username}:{self.read_secret()}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+class _DeliverySettings(_Section):
+    # The same retry rules for every kind of destination (dicomnode/sender.py, dicomnode/jobs.py).
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(10.0, ge=0)
+
+
+class DestinationSettings(_DeliverySettings):
+    """A DIMSE destination: C-STORE to ``ae_title`` at ``host:port``."""
+
     ae_title: str
     host: str
     port: Port
-    max_retries: int = Field(5, ge=0)
-    retry_backoff_s: float = Field(10.0, ge=0)
     # How long to wait for each C-STORE response before the unacknowledged instances are sent again.
     dimse_timeout_s: float = Field(20.0, gt=0)
     # DICOM TLS to this destination; null: plain TCP.
     tls: DestinationTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomwebDestinationSettings(_DeliverySettings):
+    """A DICOMweb destination: STOW-RS to ``<dicomweb>/studies`` (PS3.18 10.5)."""
+
+    # The service's base URL, e.g. https://pacs.example.org/dicom-web (no credentials in it: use auth).
+    dicomweb: str
+    auth: HttpAuthSettings | None = None
+    # Seconds to connect, and to wait for each read of the answer (a PACS may store before it answers).
+    timeout_s: float = Field(120.0, gt=0)
+    # For https URLs: the CA of the server's certificate (null: the system's CAs), our client certificate.
+    tls: DestinationTlsSettings | None = None
+
+    @field_validator("dicomweb")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        url = urllib.parse.urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        if url.username is not None or url.password is not None:
+            raise ValueError(f"{url.hostname}: put credentials under auth, not in the URL")
+        if url.query or url.fragment:
+            raise ValueError(f"{value!r}: a base URL takes no query or fragment")
+        try:
+            url.port  # noqa: B018 - raises for a port out of range
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> DicomwebDestinationSettings:
+        if self.tls is not None and not self.dicomweb.startswith("https://"):
+            raise ValueError(f"tls is set but {self.dicomweb!r} is not an https:// URL")
+        return self
+
+
+def _destination_kind(value: object) -> str:
+    # A ``dicomweb`` key makes a STOW-RS destination; anything else is read as DIMSE (and its errors
+    # name the DIMSE keys). The tags start with a capital so error messages leave them out.
+    if isinstance(value, DicomwebDestinationSettings) or (isinstance(value, dict) and "dicomweb" in value):
+        return "DICOMweb"
+    return "DIMSE"
+
+
+AnyDestination = Annotated[
+    Union[  # noqa: UP007 - Tag needs the explicit Union form inside Annotated
+        Annotated[DestinationSettings, Tag("DIMSE")],
+        Annotated[DicomwebDestinationSettings, Tag("DICOMweb")],
+    ],
+    Discriminator(_destination_kind),
+]
 
 
 class OutputSettings(_Section):
@@ -235,11 +358,14 @@ class LoggingSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    # Prometheus /metrics and /healthz over HTTP (dicomnode/metrics.py). Loopback by default: the
-    # endpoint has no authentication. Port 0 = any free port (written to the heartbeat file).
+    # The node's HTTP listener (dicomnode/metrics.py): the status page at /, Prometheus /metrics and
+    # /healthz. Loopback by default. Port 0 = any free port (written to the heartbeat file).
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9464, ge=0, le=65535)
+    # Basic or bearer authentication for every path but /healthz; null: none (a warning in the log
+    # when the listener is not on loopback).
+    auth: HttpAuthSettings | None = None
 
     _host = field_validator("host")(NodeSettings._host.__func__)
 
@@ -249,7 +375,7 @@ class Settings(_Section):
     access: AccessSettings = AccessSettings()
     storage: StorageSettings = StorageSettings()
     assembly: AssemblySettings = AssemblySettings()
-    destinations: Annotated[tuple[DestinationSettings, ...], Field(strict=False)] = ()
+    destinations: Annotated[tuple[AnyDestination, ...], Field(strict=False)] = ()
     output: OutputSettings = OutputSettings()
     model: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -1,6 +1,9 @@
-"""The sender: C-STORE SCU of each finished job's derived series to every configured destination.
+"""The sender: each finished job's derived series to every configured destination — by C-STORE
+(DIMSE destinations) or by one STOW-RS request (DICOMweb destinations, dicomnode/stow.py). The kind of
+destination only picks the transport: attempts, retries with backoff, the failed-with-reason state and
+``upete resend`` are the same for both.
 
-One association per job and destination. Every instance's status is checked: Success and the
+DIMSE: one association per job and destination. Every instance's status is checked: Success and the
 Warning statuses of PS3.4 B.2.3 (0xB000, 0xB006, 0xB007: stored, possibly coerced) count as stored,
 anything else as refused. pynetdicom 3.0.4's reactor now and then takes a C-STORE response from
 under ``send_c_store`` (ARCHITECTURE.md §6); :func:`_keep_stolen_responses` hands it back. An instance whose
@@ -25,12 +28,23 @@ from pynetdicom import AE, Association, evt
 
 from dicomnode import metrics
 from dicomnode.audit import AuditLog
-from dicomnode.config import DestinationSettings, Settings
+from dicomnode.config import DestinationSettings, DicomwebDestinationSettings, Settings
 from dicomnode.jobs import Job, JobQueue, JobState, destination_key
 from dicomnode.scp import set_tcp_nodelay
+from dicomnode.stow import stow_files
 from dicomnode.tls import TlsError, client_context
 
-__all__ = ["SendOutcome", "Sender", "send_files", "MAX_REASSOCIATIONS", "DEFAULT_DIMSE_TIMEOUT_S"]
+__all__ = [
+    "SendOutcome",
+    "Sender",
+    "send_files",
+    "deliver_files",
+    "destination_key_of",
+    "MAX_REASSOCIATIONS",
+    "DEFAULT_DIMSE_TIMEOUT_S",
+]
+
+AnyDestination = DestinationSettings | DicomwebDestinationSettings
 
 log = logging.getLogger("upete.sender")
 
@@ -170,6 +184,28 @@ def send_files(
     return SendOutcome(sent, 0, 0, None)
 
 
+def destination_key_of(destination: AnyDestination) -> str:
+    """The destination's name in the job database: ``AE@host:port`` (DIMSE) or its base URL (DICOMweb)."""
+    if isinstance(destination, DicomwebDestinationSettings):
+        return destination.dicomweb
+    return destination_key(destination.ae_title, destination.host, destination.port)
+
+
+def deliver_files(paths: Sequence[Path], destination: AnyDestination, settings: Settings) -> SendOutcome:
+    """One delivery attempt of ``paths`` to ``destination`` by its transport; never raises for network
+    trouble."""
+    if isinstance(destination, DicomwebDestinationSettings):
+        result = stow_files(paths, destination)
+        return SendOutcome(result.stored, result.refused, result.unacknowledged, result.error)
+    return send_files(
+        paths,
+        destination,
+        calling_ae=settings.node.ae_title,
+        acse_timeout_s=settings.node.acse_timeout_s,
+        network_timeout_s=settings.node.network_timeout_s,
+    )
+
+
 class Sender:
     """Delivers jobs in state ``sending``; :meth:`run_once` is called in a loop by the service."""
 
@@ -178,7 +214,7 @@ class Sender:
         self.audit = audit
         self.settings = settings
         self.root = Path(storage_root)
-        self.destinations = {destination_key(d.ae_title, d.host, d.port): d for d in settings.destinations}
+        self.destinations = {destination_key_of(d): d for d in settings.destinations}
 
     def destination_keys(self) -> list[str]:
         return list(self.destinations)
@@ -219,13 +255,7 @@ class Sender:
                 )
                 continue
             started = time.monotonic()
-            outcome = send_files(
-                files,
-                destination,
-                calling_ae=self.settings.node.ae_title,
-                acse_timeout_s=self.settings.node.acse_timeout_s,
-                network_timeout_s=self.settings.node.network_timeout_s,
-            )
+            outcome = deliver_files(files, destination, self.settings)
             recorded = self.jobs.record_send(
                 job.id,
                 target.destination,

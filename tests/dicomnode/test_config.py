@@ -86,3 +86,47 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(DEFAULT_CONFIG)
     with pytest.raises(ValidationError):
         settings.node.port = 1  # type: ignore[misc]
+
+
+def test_dicomweb_destination_beside_a_dimse_one() -> None:
+    settings = parse_settings({"destinations": [
+        {"ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+        {"dicomweb": "https://pacs.example.org/dicom-web/", "max_retries": 2, "timeout_s": 30,
+         "auth": {"scheme": "bearer", "secret_env": "PACS_TOKEN"}},
+    ]})
+    dimse, web = settings.destinations
+    assert (dimse.ae_title, dimse.port) == ("PACS", 104)
+    assert web.dicomweb == "https://pacs.example.org/dicom-web"  # one spelling: the job's destination key
+    assert (web.max_retries, web.retry_backoff_s, web.timeout_s) == (2, 10.0, 30)
+    assert web.auth.scheme == "bearer" and web.auth.secret_env == "PACS_TOKEN"
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"dicomweb": "ftp://pacs/dw"}, "destinations.0.dicomweb: 'ftp://pacs/dw' is not an http"),
+        ({"dicomweb": "http://u:pw@pacs/dw"}, "destinations.0.dicomweb: pacs: put credentials under auth"),
+        ({"dicomweb": "http://pacs/dw?x=1"}, "takes no query"),
+        ({"dicomweb": "http://pacs/dw", "ae_title": "X"}, "destinations.0.ae_title: unknown key"),
+        ({"dicomweb": "http://pacs/dw", "tls": {}}, "tls is set but 'http://pacs/dw' is not an https"),
+        ({"dicomweb": "http://pacs/dw", "auth": {"scheme": "basic", "secret": "pw"}}, "needs a username"),
+        ({"dicomweb": "http://pacs/dw", "auth": {"scheme": "bearer"}}, "give exactly one of secret"),
+        ({"dicomweb": "http://pacs/dw", "auth": {"scheme": "bearer", "secret": "a", "secret_env": "B"}},
+         "(found: secret, secret_env)"),
+        ({"dicomweb": "http://pacs/dw", "auth": {"scheme": "digest", "secret": "a"}},
+         "destinations.0.auth.scheme"),
+    ],
+)
+def test_bad_dicomweb_destination_is_named(entry: dict, message: str) -> None:
+    assert message in _error({"destinations": [entry]})
+
+
+def test_listener_auth_is_optional_and_its_secret_stays_out_of_reprs() -> None:
+    assert parse_settings({}).metrics.auth is None
+    settings = parse_settings(
+        {"metrics": {"host": "0.0.0.0", "auth": {"scheme": "basic", "username": "admin", "secret": "pw-123"}}}
+    )
+    assert settings.metrics.auth.authorization() == "Basic YWRtaW46cHctMTIz"
+    assert "pw-123" not in repr(settings)  # settings get logged and printed; the secret must not be
+    # A secret file or variable is read when used, so another user's `upete status` still loads the config.
+    parse_settings({"metrics": {"auth": {"scheme": "bearer", "secret_file": "/nonexistent/token"}}})

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from dicomnode.audit import AuditLog
-from dicomnode.jobs import JobQueue, JobState, destination_key
+from dicomnode.jobs import JobQueue, JobState
+from dicomnode.sender import destination_key_of
 from upete.commands.common import EXIT_FAILED, EXIT_USAGE, add_config_option, load_config, open_node_database
 
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     audit = AuditLog(settings.logging.audit_file)
     try:
-        destinations = [destination_key(d.ae_title, d.host, d.port) for d in settings.destinations]
+        destinations = [destination_key_of(d) for d in settings.destinations]
         state = JobQueue(db, audit).resend(args.job, destinations)
     except (KeyError, ValueError) as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
