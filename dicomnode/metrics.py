@@ -1,4 +1,5 @@
-"""Prometheus metrics of the node, and the small HTTP server that serves them with ``/healthz``.
+"""Prometheus metrics of the node, and the small HTTP server that serves them with ``/healthz`` (and,
+once :meth:`MetricsServer.mount` is called, the status page of dicomnode/web.py behind optional auth).
 
 The rest of the node calls one function per event (:func:`instance_answered`, :func:`association`,
 :func:`observe_stages`, :func:`send_attempt`, …); they never raise, so instrumentation cannot fail a
@@ -8,6 +9,9 @@ never UIDs, AE titles or anything about a patient.
 ``GET /metrics`` is the Prometheus text format of :data:`REGISTRY`; ``GET /healthz`` answers 200 with
 ``{"status": "ok", "scp": "alive", …}`` while every thread the health callback reports is alive and
 503 with the dead ones named otherwise, so a load balancer or a systemd watchdog script can use it.
+With an authenticator mounted, every other path answers 401 (with ``WWW-Authenticate``) to a request
+without valid credentials; ``/healthz`` stays open, as probes rarely carry credentials and it tells
+only which threads are alive.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,7 +42,9 @@ from upete import __version__
 
 __all__ = [
     "REGISTRY",
+    "Authenticator",
     "MetricsServer",
+    "Pages",
     "JobStateCollector",
     "association",
     "instance_answered",
@@ -173,13 +180,41 @@ class JobStateCollector(Collector):
         yield family
 
 
-def _handler(health: Callable[[], Mapping[str, bool]]) -> type[BaseHTTPRequestHandler]:
+#: A mounted site: a request path (query removed) → (status, content type, body), or None when the
+#: path is not the site's.
+Pages = Callable[[str], "tuple[int, str, bytes] | None"]
+
+
+class Authenticator(Protocol):
+    """Decides on a request's ``Authorization`` header (None when absent)."""
+
+    challenge: str  # the WWW-Authenticate value of a 401
+
+    def allows(self, authorization: str | None) -> bool: ...
+
+
+class _Site:
+    # What mount() set; read by every request thread (one attribute read each: no lock needed).
+    def __init__(self) -> None:
+        self.pages: Pages | None = None
+        self.auth: Authenticator | None = None
+
+
+def _handler(health: Callable[[], Mapping[str, bool]], site: _Site) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = f"upete/{__version__}"
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            auth, pages = site.auth, site.pages
+            if path != "/healthz" and auth is not None and not auth.allows(self.headers.get("Authorization")):
+                self._send(401, "text/plain; charset=utf-8", b"authentication required\n",
+                           {"WWW-Authenticate": auth.challenge})
+                return
+            answer = pages(path) if pages is not None and path not in ("/metrics", "/healthz") else None
+            if answer is not None:
+                self._send(*answer)
+            elif path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
             elif path == "/healthz":
                 try:
@@ -192,12 +227,19 @@ def _handler(health: Callable[[], Mapping[str, bool]]) -> type[BaseHTTPRequestHa
                 body = {"status": "ok" if healthy else "unhealthy", **body}
                 self._send(200 if healthy else 503, "application/json", json.dumps(body).encode())
             else:
-                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /healthz\n")
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /, /metrics or /healthz\n")
 
-        def _send(self, code: int, content_type: str, body: bytes) -> None:
+        def _send(
+            self, code: int, content_type: str, body: bytes, headers: Mapping[str, str] | None = None
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            # Nothing here may be kept by a proxy or a browser cache: job lists change, and pages
+            # behind auth must not outlive the credentials.
+            self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -217,7 +259,8 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, *, health: Callable[[], Mapping[str, bool]]) -> None:
         server_class = _Ipv6Server if ":" in host else ThreadingHTTPServer
-        self._server = server_class((host, port), _handler(health))
+        self._site = _Site()
+        self._server = server_class((host, port), _handler(health, self._site))
         self._server.daemon_threads = True
         self.host = host
         self.port = int(self._server.server_address[1])
@@ -229,6 +272,12 @@ class MetricsServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def mount(self, pages: Pages | None, *, auth: Authenticator | None = None) -> None:
+        """Serve ``pages`` beside /metrics and /healthz, and require ``auth`` on all but /healthz."""
+        # Auth first: pages never answer unguarded when a guard is wanted.
+        self._site.auth = auth
+        self._site.pages = pages
 
     def close(self) -> None:
         self._server.shutdown()

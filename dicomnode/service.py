@@ -31,6 +31,7 @@ from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
 from dicomnode.tls import TlsError
+from dicomnode.web import load_auth, serve_status_page
 from dicomnode.worker import Enhancers, Worker
 
 __all__ = ["run_node", "Intervals"]
@@ -107,6 +108,12 @@ def _serve(
     tempfile.tempdir = str(store.tmp_dir)
     jobs = JobQueue(db, audit)
     resumed = jobs.recover()
+    try:
+        # Never serve the status page unguarded when the site asked for a guard.
+        web_auth = load_auth(settings)
+    except ValueError as exc:
+        log.error("refusing to start: metrics.auth does not load", extra={"fields": {"error": str(exc)}})
+        return 2
     loading = time.perf_counter()
     try:
         enhancers = Enhancers.load(settings)
@@ -185,6 +192,9 @@ def _serve(
         return {"scp": scp_alive(server), **{t.name.removeprefix("upete-"): t.is_alive() for t in threads}}
 
     monitor = NodeMonitor(settings, db, alive=alive)
+    if monitor.server is not None:
+        infos = [e.info for e in (enhancers.main, enhancers.without_ct) if e is not None]
+        serve_status_page(monitor.server, settings, db, enhancers=infos, auth=web_auth)
     # systemd (Type=notify) calls the unit started only now: the SCP accepts associations.
     sdnotify.ready(f"listening on {node.host}:{node.port} as {node.ae_title}")
     try:
