@@ -11,7 +11,10 @@ make the derived object valid even then (ARCHITECTURE.md §6):
   source;
 * PatientPosition is dropped (forbidden beside the Patient Orientation Code Sequence) after being
   turned into that sequence when the source lacks it;
-* retired SNOMED-RT codes become their SNOMED CT equivalents; missing Type 2 sequences become empty.
+* retired SNOMED-RT codes become their SNOMED CT equivalents; missing Type 2 sequences become empty;
+* Type 1C/2C attributes follow their condition, not the source: an empty Laterality when the source
+  names no BodyPartExamined (a paired organ cannot be ruled out), and no NumberOfTimeSlices (GE, Canon
+  write it on static series) unless SeriesType is DYNAMIC, nor gating counts unless it is GATED.
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ IDENTITY = frozenset({"PatientName", "PatientID", "IssuerOfPatientID", "PatientB
                       "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
                       "ReferringPhysicianName", "StudyDescription", "FrameOfReferenceUID",
                       "SpecificCharacterSet"})
+
+# Type 1C attributes of the PET Series module and the SeriesType (value 1) that requires them; they
+# may not be present otherwise (PS3.3 C.8.9.1).
+_SERIES_TYPE_CONDITIONS = {"NumberOfTimeSlices": "DYNAMIC", "NumberOfRRIntervals": "GATED",
+                           "NumberOfTimeSlots": "GATED"}
 
 # Retired SNOMED-RT codes scanners still write → SNOMED CT (PS3.16 Annex O; ARCHITECTURE.md §6).
 _SRT_TO_SCT = {
@@ -234,4 +242,16 @@ def copy_source_attributes(source: Dataset) -> Dataset:
             item.RadionuclideCodeSequence = DicomSequence([])
     _modernise_codes(target)
     fix_patient_orientation(target, source)
+    _apply_conditions(target)
     return target
+
+
+def _apply_conditions(target: Dataset) -> None:
+    """Type 1C/2C attributes of General and PET Series as their conditions require (module doc)."""
+    if not target.get("BodyPartExamined") and "Laterality" not in target:
+        # Type 2C: required for a paired body part; unknown body part → present and empty.
+        target.Laterality = ""
+    series_type = [str(v).strip().upper() for v in (target.get("SeriesType") or [])]
+    for keyword, required_by in _SERIES_TYPE_CONDITIONS.items():
+        if keyword in target and series_type[:1] != [required_by]:
+            del target[keyword]

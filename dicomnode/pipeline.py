@@ -14,8 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from dicomnode.config import OutputSettings
 from dicomnode.derived import DerivedPlan, is_derived_by_us, plan_derived, write_derived_series
+from dicomnode.pet_units import stored_suv_per_bqml
+from dicomnode.preview import suv_scale
 from dicomnode.volume import SeriesVolume, VolumeError, coverage_fraction, load_series, resample_onto
 from model.enhance import Enhancer
 
@@ -48,12 +52,23 @@ class EnhanceResult:
     enhance_seconds: dict[str, float] = field(default_factory=dict)
 
 
+#: Largest relative difference between the SUVbw the headers give and the one a vendor stored.
+SUV_TOLERANCE = 0.01
+
+
 def check_pet_series(pet: SeriesVolume) -> None:
-    """Refuse a PET series the node must not enhance: not PT, not Bq/ml, not attenuation corrected, ours."""
+    """Refuse a PET series the node must not enhance: not PT, not Bq/ml, not attenuation corrected, ours,
+    or with headers whose SUVbw contradicts the SUV the vendor stored.
+
+    ``pet`` comes from :func:`load_series`, which has already made counts with their scale factor Bq/ml.
+    """
     first = pet.datasets[0]
     if pet.modality != "PT":
         raise VolumeError(f"the PET series has Modality {pet.modality or 'missing'}, expected PT")
     units = str(first.get("Units", "") or "")
+    if units == "CNTS":
+        raise VolumeError("the PET series has Units CNTS without Philips' Activity Concentration Scale "
+                          "Factor (7053,1009); counts cannot be made Bq/ml")
     if units != "BQML":
         raise VolumeError(f"the PET series has Units {units or 'missing'}; only BQML (Bq/ml) can be enhanced")
     corrected = [str(v) for v in (first.get("CorrectedImage") or [])]
@@ -61,6 +76,19 @@ def check_pet_series(pet: SeriesVolume) -> None:
         raise VolumeError("the PET series is not attenuation corrected (CorrectedImage lacks ATTN)")
     if is_derived_by_us(first):
         raise VolumeError("the PET series is a derived series this node produced; it is not enhanced again")
+    _check_stored_suv(first)
+
+
+def _check_stored_suv(ds: Dataset) -> None:
+    """The derived series carries the SUV the headers give; refuse when the vendor's own SUV differs."""
+    stored = stored_suv_per_bqml(ds)
+    scale = suv_scale(ds)
+    if stored is None or scale.unit != "SUVbw":
+        return
+    if abs(scale.factor / stored - 1) > SUV_TOLERANCE:
+        raise VolumeError(f"the SUV Scale Factor (7053,1000) gives {stored:.6g} SUV per Bq/ml, the headers "
+                          f"(PatientWeight, RadionuclideTotalDose, injection and series times) "
+                          f"{scale.factor:.6g}: the derived series would show another SUV")
 
 
 def _reporter(progress: Callable[[float, str], None] | None, stage: str) -> Callable[[float, str], None]:

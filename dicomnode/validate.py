@@ -39,6 +39,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
 
+from dicomnode.pet_units import philips_scale_factors
+
 __all__ = [
     "Refusal",
     "InstanceMeta",
@@ -109,7 +111,7 @@ class InstanceMeta:
     rows: int
     columns: int
     pixel_spacing_mm: tuple[float, float]  # PixelSpacing: (between rows, between columns)
-    units: str | None = None  # PET Units, e.g. "BQML"
+    units: str | None = None  # PET Units as the node reads the pixels, e.g. "BQML" (Philips CNTS too)
     corrected_image: tuple[str, ...] = ()  # PET CorrectedImage, e.g. ("ATTN", "DECY")
     series_type: str | None = None  # PET SeriesType value 1, e.g. "STATIC"
     number_of_slices: int | None = None  # PET NumberOfSlices
@@ -394,6 +396,10 @@ def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str)
     units = corrected = series_type = number_of_slices = None
     if modality == "PT":
         units = _text(ds, "Units")
+        if units == "CNTS" and philips_scale_factors(ds)[1] is not None:
+            # Philips counts with their activity concentration factor are read as Bq/ml
+            # (dicomnode.pet_units), so the series is selected like any BQML one.
+            units = "BQML"
         corrected = ds.get("CorrectedImage")
         series_type = ds.get("SeriesType")
         number_of_slices = _int(ds, "NumberOfSlices", required=False)

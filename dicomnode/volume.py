@@ -1,10 +1,12 @@
 """DICOM series ↔ SimpleITK image: the node's only reader of pixel data.
 
 :func:`load_series` turns the files of one single-frame series (PET or CT) into a 3D image in
-physical units — Bq/ml for PET (Units BQML), HU for CT — with the geometry of the DICOM patient
-coordinate system (LPS, mm), and keeps the headers sorted like the image's z axis. Anything that
-would make the geometry a guess is refused with :class:`VolumeError`, whose message is the reason
-a job fails: uneven or missing slices, mixed orientations or sizes, two slices at one position.
+physical units — Bq/ml for PET decay corrected to the series start (whatever Units and
+DecayCorrection the scanner wrote: :mod:`dicomnode.pet_units`), HU for CT — with the geometry of
+the DICOM patient coordinate system (LPS, mm), and keeps the headers sorted like the image's z
+axis. Anything that would make the geometry a guess is refused with :class:`VolumeError`, whose
+message is the reason a job fails: uneven or missing slices, mixed orientations or sizes, two
+slices at one position.
 
 Image axes: x along the row direction (column index), y along the column direction (row index),
 z along the slice normal ``row × column``; slices are sorted by their position along that normal,
@@ -25,6 +27,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from dicomnode.pet_units import ActivityError, normalise_activity
 
 __all__ = [
     "MAX_EXTENT_MM",
@@ -58,7 +62,8 @@ class SeriesVolume:
 
     ``image``: float32 SimpleITK image, Bq/ml for PET and HU for CT (whatever the rescale gives for
     other modalities), x/y/z as in the module doc. ``datasets``: the headers without PixelData, one
-    per slice, in the image's z order.
+    per slice, in the image's z order; a PET's say what the image holds (Units, DecayCorrection,
+    SeriesDate/Time and DecayFactor as :func:`dicomnode.pet_units.normalise_activity` set them).
     """
 
     image: sitk.Image
@@ -250,6 +255,11 @@ def load_series(paths: Sequence[str | os.PathLike[str]]) -> SeriesVolume:
 
     _check_extent(names[0], len(datasets), spacings[0], dz, int(datasets[0].Rows), int(datasets[0].Columns))
     volume = np.stack(slices)
+    if datasets[0].get("Modality") == "PT":
+        try:  # Philips counts, ADMIN/NONE decay correction → Bq/ml referred to the series start
+            volume = normalise_activity(datasets, volume)
+        except ActivityError as exc:
+            raise VolumeError(str(exc)) from None
     image = sitk.GetImageFromArray(volume)
     row_spacing, column_spacing = (float(v) for v in spacings[0])
     image.SetSpacing((column_spacing, row_spacing, dz))

@@ -6,7 +6,9 @@ tracer), Units BQML, DecayCorrection START with a DecayFactor, CorrectedImage, N
 RescaleSlope per slice — and pass ``dciodvfy`` without errors (its test checks it).
 ``scanner_sins=True`` adds faults real scanners ship (PatientPosition beside the Patient Orientation
 Code Sequence, missing Type 2 attributes, a retired SRT code) so readers and the derived writer can
-be tested against them.
+be tested against them. The pixel options (signed pixels, a CT's RescaleIntercept and bits stored)
+and ``edit``, a function called on every slice's data set before it is saved, let
+:mod:`dicomnode.testing.vendors` shape the series like a given vendor's.
 
 Geometry: arrays are ``(z, y, x)``; ``spacing_mm`` is ``(z, y, x)``; ``origin_mm`` is the patient
 position ``(x, y, z)`` of voxel ``[0, 0, 0]``. Slice ``k`` lies at ``origin + k·dz·normal`` with
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +38,10 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicomnode.quantize import quantize_slice
 
-__all__ = ["StudyInfo", "write_pet_series", "write_ct_series"]
+__all__ = ["SliceEdit", "StudyInfo", "write_pet_series", "write_ct_series"]
+
+#: Called as ``edit(ds, k)`` on slice ``k``'s data set just before it is saved.
+SliceEdit = Callable[[Dataset, int], None]
 
 _AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 _MANUFACTURER = "uPETe synthetic"
@@ -222,15 +227,19 @@ def write_pet_series(
     frame_duration_s: float = 180.0,
     orientation: Sequence[float] = _AXIAL,
     scanner_sins: bool = False,
+    signed_pixels: bool | None = None,
+    edit: SliceEdit | None = None,
 ) -> list[Path]:
     """Write a static PET series, one PET Image Storage file per slice of ``activity_bqml`` (z, y, x).
 
     Activity is in Bq/ml (``units`` only changes the Units attribute, for tests of selection rules).
-    Non-negative arrays are stored as ``uint16``, arrays with negative values (FBP noise) as ``int16``;
-    each slice gets its own RescaleSlope. ``attenuation_corrected=False`` leaves ATTN out of
-    CorrectedImage (an NAC series). ``shuffle_seed`` scrambles both the file names and the order of
-    the returned paths (InstanceNumber stays true to the slice order, as on a scanner).
-    ``dose_fraction_note`` records a simulated dose fraction in ImageComments. Returns the paths.
+    Non-negative arrays are stored as ``uint16``, arrays with negative values (FBP noise) as ``int16``
+    (``signed_pixels`` forces one or the other); each slice gets its own RescaleSlope.
+    ``attenuation_corrected=False`` leaves ATTN out of CorrectedImage (an NAC series).
+    ``shuffle_seed`` scrambles both the file names and the order of the returned paths
+    (InstanceNumber stays true to the slice order, as on a scanner).
+    ``dose_fraction_note`` records a simulated dose fraction in ImageComments. ``edit`` (module doc)
+    changes each slice's header last. Returns the paths.
     """
     activity = np.asarray(activity_bqml)
     _check_volume("activity_bqml", activity, spacing_mm, origin_mm)
@@ -242,7 +251,9 @@ def write_pet_series(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    signed = bool(activity.min() < 0)
+    signed = bool(activity.min() < 0) if signed_pixels is None else signed_pixels
+    if not signed and activity.min() < 0:
+        raise ValueError("signed_pixels=False cannot store negative activity")
     n_slices = activity.shape[0]
 
     # Decay during a static frame of length T, referred to its start (DecayCorrection START):
@@ -311,6 +322,8 @@ def write_pet_series(
         ds.DoseCalibrationFactor = "1"
         if scanner_sins:
             _add_scanner_sins(ds)
+        if edit is not None:
+            edit(ds, k)
         path = out / names[k]
         _save(ds, path, transfer_syntax)
         paths.append(path)
@@ -339,14 +352,24 @@ def write_ct_series(
     transfer_syntax: str = ExplicitVRLittleEndian,
     shuffle_seed: int | None = None,
     orientation: Sequence[float] = _AXIAL,
+    rescale_intercept: float = -1024.0,
+    signed_pixels: bool = False,
+    bits_stored: int = 12,
+    edit: SliceEdit | None = None,
 ) -> list[Path]:
     """Write a CT series, one CT Image Storage file per slice of ``hu`` (z, y, x) in Hounsfield units.
 
-    Pixels are ``uint16`` with RescaleIntercept −1024 and slope 1 (12 bits stored), as most CT
-    scanners store them, so values are rounded to whole HU and clipped to [−1024, 3071].
+    By default pixels are ``uint16`` with RescaleIntercept −1024 and slope 1 (12 bits stored), as most
+    CT scanners store them, so values are rounded to whole HU and clipped to [−1024, 3071].
+    ``rescale_intercept``, ``signed_pixels`` (``int16``) and ``bits_stored`` change that storage; the
+    values are clipped to what it can hold. ``edit`` (module doc) changes each slice's header last.
     """
     volume = np.asarray(hu)
     _check_volume("hu", volume, spacing_mm, origin_mm)
+    if not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be 8 to 16, found {bits_stored}")
+    low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed_pixels else (
+        0, 2**bits_stored - 1)
     _, _, normal = _geometry(orientation)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,9 +393,9 @@ def write_ct_series(
                    orientation=orientation)
         # CT Image
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        stored = np.clip(np.rint(volume[k].astype(np.float64) + 1024), 0, 4095).astype(np.uint16)
-        _set_pixels(ds, stored, bits_stored=12)
-        ds.RescaleIntercept = "-1024"
+        stored = np.clip(np.rint(volume[k].astype(np.float64) - rescale_intercept), low, high)
+        _set_pixels(ds, stored.astype(np.int16 if signed_pixels else np.uint16), bits_stored=bits_stored)
+        ds.RescaleIntercept = _ds(rescale_intercept)
         ds.RescaleSlope = "1"
         ds.RescaleType = "HU"
         ds.KVP = "120"
@@ -382,6 +405,8 @@ def write_ct_series(
         ds.ConvolutionKernel = "B30f"
         ds.WindowCenter = "40"
         ds.WindowWidth = "400"
+        if edit is not None:
+            edit(ds, k)
         path = out / names[k]
         _save(ds, path, transfer_syntax)
         paths.append(path)

@@ -12,6 +12,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
+from dicomnode.validate import read_received, validate_instance
 from dicomnode.volume import VolumeError, coverage_fraction, load_series, resample_onto
 from tests.support.dicomutil import PET_SPACING, make_study
 
@@ -191,3 +192,74 @@ def test_resample_ct_onto_pet_through_patient_coordinates(tmp_path: Path) -> Non
     assert np.all(values[~inside] == -1000.0)  # beyond the CT: air
     assert 0.5 < coverage_fraction(ct.image, pet.image) < 1.0
     assert coverage_fraction(pet.image, pet.image) == 1.0
+
+
+def _drop_half_life(ds: pydicom.Dataset, k: int) -> None:
+    del ds.RadiopharmaceuticalInformationSequence[0].RadionuclideHalfLife
+
+
+@pytest.mark.parametrize(("correction", "edit", "attribute"), [
+    ("ADMIN", _drop_half_life, "RadionuclideHalfLife"),
+    ("NONE", lambda ds, k: delattr(ds, "ActualFrameDuration"), "ActualFrameDuration"),
+    ("ADMIN", lambda ds, k: delattr(ds.RadiopharmaceuticalInformationSequence[0],
+                                    "RadiopharmaceuticalStartDateTime"), None),  # StartTime suffices
+    ("LATER", None, "DecayCorrection"),
+])
+def test_decay_correction_conversion_needs_its_attributes(tmp_path: Path, correction, edit,
+                                                          attribute) -> None:
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        ds.DecayCorrection = correction
+        if edit is not None:
+            edit(ds, k)
+
+    paths, _ = _pet(tmp_path, edit=change)
+    if attribute is None:
+        assert load_series(paths).datasets[0].DecayCorrection == "START"
+        return
+    with pytest.raises(VolumeError, match=attribute):
+        load_series(paths)
+
+
+def test_admin_decay_correction_becomes_start_with_the_same_suv(tmp_path: Path) -> None:
+    study = StudyInfo()  # injection 08:30, scan 09:30: an hour of 18F decay
+    paths, activity = _pet(tmp_path, edit=lambda ds, k: setattr(ds, "DecayCorrection", "ADMIN"), study=study)
+    volume = load_series(paths)
+    decay = 0.5 ** (3600.0 / study.half_life_s)
+    np.testing.assert_allclose(_array(volume.image), activity * decay, rtol=1e-4, atol=1e-3 * activity.max())
+    first = volume.datasets[0]
+    assert (first.DecayCorrection, first.Units) == ("START", "BQML")
+    assert first.SeriesTime.startswith(study.acquisition_time)  # the decay reference SUV tools use
+
+
+# Total-body PET/CT: 600 slices at 2–3 mm, PET 256² or 360² of 2 mm pixels, CT 600 × 512² over a
+# 500–700 mm field. No size rule meant for hostile input may refuse it.
+TOTAL_BODY_SLICES = 600
+
+
+def test_total_body_instances_pass_the_receive_checks(tmp_path: Path) -> None:
+    study = StudyInfo()
+    top = (TOTAL_BODY_SLICES - 1) * 3.0
+    pet = write_pet_series(tmp_path / "pet", np.full((1, 360, 360), 5000.0, np.float32),
+                           spacing_mm=(3.0, 2.0, 2.0), origin_mm=(-359.0, -359.0, top), study=study)
+    ct = write_ct_series(tmp_path / "ct", np.zeros((1, 512, 512), np.float32), spacing_mm=(3.0, 1.367, 1.367),
+                         origin_mm=(-349.6, -349.6, top), study=study)
+    for path in pet + ct:
+        ds = read_received(path)
+        meta = validate_instance(ds, sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID)
+        assert (meta.rows, meta.columns) in ((360, 360), (512, 512))
+
+
+def test_total_body_extents_load_and_absurd_extents_are_still_refused(tmp_path: Path) -> None:
+    # The volume rules look at extents (count × spacing), not at bytes: a few pixels of the real
+    # pixel spacing × matrix test the same rules as the full matrix, without 1 GB of test files.
+    study = StudyInfo()
+    pet = write_pet_series(tmp_path / "pet", np.full((TOTAL_BODY_SLICES, 2, 2), 5000.0, np.float32),
+                           spacing_mm=(3.0, 360.0, 360.0), study=study)  # 1800 mm long, 720 mm across
+    ct = write_ct_series(tmp_path / "ct", np.zeros((TOTAL_BODY_SLICES, 2, 2), np.float32),
+                         spacing_mm=(3.0, 350.0, 350.0), study=study)  # a 700 mm CT field of view
+    assert load_series(pet).image.GetSize() == (2, 2, TOTAL_BODY_SLICES)
+    assert load_series(ct).image.GetSize() == (2, 2, TOTAL_BODY_SLICES)
+    absurd = write_pet_series(tmp_path / "absurd", np.full((2, 2, 2), 5000.0, np.float32),
+                              spacing_mm=(3.0, 2000.0, 2000.0), study=study)  # 4 m across
+    with pytest.raises(VolumeError, match="spans 4000 mm along its rows"):
+        load_series(absurd)
