@@ -100,12 +100,13 @@ def _required(value: datetime | None, attribute: str) -> datetime:
     return value
 
 
-def _reference_time(datasets: Sequence[Dataset]) -> datetime:
-    """The time the values refer to for SUV: SeriesDate/Time unless a later reconstruction moved it."""
+def _reference_time(datasets: Sequence[Dataset]) -> datetime | None:
+    """The time the values refer to for SUV: SeriesDate/Time unless a later reconstruction moved it;
+    None when the headers hold neither series nor acquisition times."""
     first = datasets[0]
-    series = _required(_date_time(first, "SeriesDate", "SeriesTime"), "SeriesDate/SeriesTime")
+    series = _date_time(first, "SeriesDate", "SeriesTime")
     acquisitions = [t for t in (_date_time(ds, "AcquisitionDate", "AcquisitionTime") for ds in datasets) if t]
-    if not acquisitions or series <= min(acquisitions):
+    if not acquisitions or (series is not None and series <= min(acquisitions)):
         return series
     scan = _private_text(first, _GE_GROUP, _GE_SCAN_DATETIME, GE_PET_CREATOR)
     scan_time = _parse_datetime(scan) if scan else None
@@ -141,9 +142,7 @@ def _frame_decay(lam: float, duration_s: float) -> float:
 
 
 def _decay_factors(datasets: Sequence[Dataset], correction: str, reference: datetime) -> list[float]:
-    """Per slice, the factor that turns the stored values into values decay corrected to ``reference``."""
-    if correction == "START":
-        return [1.0] * len(datasets)  # already referred to the scan start (which ``reference`` is)
+    """Per slice, the factor that turns ADMIN or NONE values into values decay corrected to ``reference``."""
     lam = math.log(2) / _half_life_s(datasets[0])
     if correction == "ADMIN":
         elapsed = (reference - _injection_time(datasets[0])).total_seconds()
@@ -183,22 +182,37 @@ def normalise_activity(datasets: Sequence[Dataset], volume: np.ndarray) -> np.nd
     if correction not in ("START", "ADMIN", "NONE"):
         raise ActivityError(f"DecayCorrection is {correction or 'missing'}, not START, ADMIN or NONE")
     reference = _reference_time(datasets)
-    factors = _decay_factors(datasets, correction, reference)
+    if reference is None:
+        if correction == "START":
+            return volume  # nothing to move: the values already refer to the scan start
+        raise ActivityError("SeriesDate/SeriesTime and AcquisitionDate/Time are missing: the decay "
+                            f"correction {correction} cannot be converted")
     date, time = reference.strftime("%Y%m%d"), reference.strftime("%H%M%S.%f")
-    for ds, factor in zip(datasets, factors, strict=True):
+    for ds in datasets:
         if _date_time(ds, "SeriesDate", "SeriesTime") != reference:
             ds.SeriesDate, ds.SeriesTime = date, time
-        if correction == "START":
-            continue
-        previous = float(ds.get("DecayFactor") or 1.0) if correction == "ADMIN" else 1.0
-        ds.DecayFactor = format_number_as_ds(previous * factor)
+    if correction == "START":
+        return volume
+    factors = _decay_factors(datasets, correction, reference)
+    for ds, factor in zip(datasets, factors, strict=True):
+        applied = _decay_factor(ds) * factor if correction == "ADMIN" else factor
+        ds.DecayFactor = format_number_as_ds(applied)
         ds.DecayCorrection = "START"
         corrected = [str(v) for v in (ds.get("CorrectedImage") or [])]
         if "DECY" not in corrected:
             ds.CorrectedImage = [*corrected, "DECY"]
-    if correction != "START":
-        log.info("decay correction converted to START", extra={"fields": {"from": correction}})
-    return (volume * np.asarray(factors, dtype=np.float64)[:, None, None]).astype(np.float32)
+    log.info("decay correction converted to START", extra={"fields": {"from": correction}})
+    return volume * np.asarray(factors, dtype=np.float32)[:, None, None]
+
+
+def _decay_factor(ds: Dataset) -> float:
+    """The source's DecayFactor (1 when absent or unreadable: the ADMIN conversion then states only its
+    own factor)."""
+    try:
+        factor = float(ds.get("DecayFactor") or 1.0)
+    except (TypeError, ValueError):
+        return 1.0
+    return factor if math.isfinite(factor) and factor > 0 else 1.0
 
 
 def stored_suv_per_bqml(ds: Dataset) -> float | None:
