@@ -36,8 +36,6 @@ _REFERENCED_SOP_SEQUENCE = "00081199"
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
-#: How much of an error answer's body goes into the job's reason (servers send HTML pages too).
-_ERROR_BODY_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -78,12 +76,16 @@ def _uids(item: dict, key: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def parse_stow_response(status: int, body: bytes, sent_uids: Sequence[str]) -> StowResult:
-    """Read a STOW-RS answer (DICOM JSON) for the instances ``sent_uids``."""
+def parse_stow_response(
+    status: int, body: bytes, sent_uids: Sequence[str], *, reason: str = ""
+) -> StowResult:
+    """Read a STOW-RS answer (DICOM JSON) for the instances ``sent_uids``; ``reason`` is the HTTP
+    reason phrase."""
     if status not in (200, 202, 409):
-        text = body.decode("utf-8", "replace").strip().replace("\n", " ")[:_ERROR_BODY_CHARS]
+        # The status line only: an error page's body may echo what it was sent (patient data
+        # included), and the error goes into the job's reason, the log and the audit file.
         hint = " (check the destination's auth)" if status in (401, 403) else ""
-        return StowResult(0, 0, len(sent_uids), f"HTTP {status}{hint}: {text or 'no body'}")
+        return StowResult(0, 0, len(sent_uids), f"HTTP {status} {reason}".rstrip() + hint)
     try:
         document = json.loads(body) if body.strip() else {}
     except ValueError as exc:
@@ -163,4 +165,4 @@ def stow_files(paths: Sequence[Path], destination: DicomwebDestinationSettings) 
         return StowResult(0, 0, len(paths), why)
     finally:
         connection.close()
-    return parse_stow_response(response.status, body, uids)
+    return parse_stow_response(response.status, body, uids, reason=response.reason)

@@ -141,10 +141,12 @@ def test_answers_of_ps3_18(files: list[Path]) -> None:
     # A 200 that does not name every instance is not taken on trust.
     result = parse_stow_response(*store_all(uids[:1]), uids)
     assert result.unacknowledged == 2 and "2 instance(s) not named as stored" in result.error
-    result = parse_stow_response(401, b"<html>login</html>", uids)
-    assert result.error == "HTTP 401 (check the destination's auth): <html>login</html>"
+    result = parse_stow_response(401, b"<html>login</html>", uids, reason="Unauthorized")
+    assert result.error == "HTTP 401 Unauthorized (check the destination's auth)"
     assert "unreadable answer" in parse_stow_response(200, b"{not json", uids).error
-    assert parse_stow_response(503, b"", uids).error == "HTTP 503: no body"
+    # An error page's body never reaches the reason (it may echo patient data back).
+    echoed = parse_stow_response(400, b"bad instance of PHANTOM^ONE", uids, reason="Bad Request")
+    assert echoed.error == "HTTP 400 Bad Request" and echoed.unacknowledged == 3
 
 
 def test_nobody_listening_is_a_failed_attempt(files: list[Path]) -> None:
