@@ -37,6 +37,7 @@ __all__ = [
     "NoiseSchedule",
     "PoissonSchedule",
     "ScheduleConfig",
+    "ScheduleKind",
     "Variant",
     "build_schedule",
     "sampling_timesteps",
@@ -60,20 +61,40 @@ class Variant(str, Enum):
         return self in (Variant.LDM_CT, Variant.LDM_P_CT)
 
     @property
+    def schedule_kind(self) -> ScheduleKind:
+        """The forward process this variant trains and samples with."""
+        return ScheduleKind.POISSON if self.poisson else ScheduleKind.GAUSSIAN
+
+    @property
     def label(self) -> str:
         """The paper's name, e.g. ``LDM-P-CT``."""
         return self.value.upper()
 
 
+class ScheduleKind(str, Enum):
+    """The forward process: dose thinning (the uPETe variants) or DDPM's Gaussian noise. The value is
+    the spelling in a checkpoint's JSON."""
+
+    POISSON = "poisson"
+    GAUSSIAN = "gaussian"
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Schedule parameters stored in the checkpoint. ``kind`` is ``"poisson"`` or ``"gaussian"``."""
+    """Schedule parameters stored in the checkpoint; ``kind`` also accepts its JSON spelling."""
 
-    kind: str = "poisson"
+    kind: ScheduleKind = ScheduleKind.POISSON
     timesteps: int = 400  # T (paper §2.3)
     dose_min: float = 1e-3  # d_min: dose at t = T (Poisson)
     beta_start: float = 2.5e-4  # DDPM's 1e-4 … 0.02 for T = 1000, rescaled to keep ᾱ_T for T = 400
     beta_end: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, ScheduleKind):
+            known = ", ".join(repr(k.value) for k in ScheduleKind)
+            if self.kind not in {k.value for k in ScheduleKind}:
+                raise ValueError(f"ScheduleConfig.kind must be one of {known}, found {self.kind!r}")
+            object.__setattr__(self, "kind", ScheduleKind(self.kind))  # frozen: set once, here
 
     def dose_at(self, t: int | float) -> float:
         """The Poisson schedule's dose at step t: d_t = d_min^(t/T)."""
@@ -88,8 +109,6 @@ class ScheduleConfig:
         return float(min(max(t, 0.0), self.timesteps))
 
     def validate(self) -> None:
-        if self.kind not in ("poisson", "gaussian"):
-            raise ValueError(f"ScheduleConfig.kind must be 'poisson' or 'gaussian', found {self.kind!r}")
         if self.timesteps < 2:
             raise ValueError(f"ScheduleConfig.timesteps must be ≥ 2, found {self.timesteps}")
         if not 0 < self.dose_min < 1:
@@ -103,7 +122,7 @@ class ScheduleConfig:
 class NoiseSchedule(nn.Module):
     """``z_t = a_t z_0 + σ_t·noise`` for t ∈ {0..T}; ``a`` and ``σ`` are float64 buffers of length T+1."""
 
-    kind: str
+    kind: ScheduleKind
 
     def __init__(self, config: ScheduleConfig, signal: np.ndarray, sigma: np.ndarray) -> None:
         super().__init__()
@@ -136,7 +155,7 @@ class NoiseSchedule(nn.Module):
 class GaussianSchedule(NoiseSchedule):
     """DDPM with linear β (Ho et al. 2020): ᾱ_t = Π_{s≤t} (1 − β_s), ᾱ_0 = 1."""
 
-    kind = "gaussian"
+    kind = ScheduleKind.GAUSSIAN
 
     def __init__(self, config: ScheduleConfig) -> None:
         config.validate()
@@ -158,7 +177,7 @@ class PoissonSchedule(NoiseSchedule):
     Without a curve (before calibration) σ_t is NaN and the schedule cannot be used for denoising.
     """
 
-    kind = "poisson"
+    kind = ScheduleKind.POISSON
 
     def __init__(self, config: ScheduleConfig, curve: NoiseCurve | None = None) -> None:
         config.validate()
@@ -186,7 +205,7 @@ class PoissonSchedule(NoiseSchedule):
 def build_schedule(config: ScheduleConfig, curve: NoiseCurve | None = None) -> NoiseSchedule:
     """The schedule a config names (the curve is used by the Poisson schedule only)."""
     config.validate()
-    if config.kind == "poisson":
+    if config.kind is ScheduleKind.POISSON:
         return PoissonSchedule(config, curve)
     return GaussianSchedule(config)
 

@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from torch import nn
@@ -132,8 +133,8 @@ class ModelConfig:
                 f"U-Net in/out channels ({self.unet.in_channels}, {self.unet.out_channels}) must equal the "
                 f"latent channels ({self.autoencoder.latent_channels})"
             )
-        if self.schedule.kind != ("poisson" if self.variant.poisson else "gaussian"):
-            raise ValueError(f"variant {self.variant.value} cannot use a {self.schedule.kind} schedule")
+        if self.schedule.kind is not self.variant.schedule_kind:
+            raise ValueError(f"variant {self.variant.value} cannot use a {self.schedule.kind.value} schedule")
         multiple = self.autoencoder.downsample_factor * self.unet.downsample_factor
         if len(self.patch_size) != 3 or any(p < 1 or p % multiple for p in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be 3 sizes, each a multiple of {multiple}")
@@ -203,7 +204,7 @@ def default_config(
         head_channels=head_channels,
         norm_groups=norm_groups,
     )
-    schedule = ScheduleConfig(kind="poisson" if variant.poisson else "gaussian")
+    schedule = ScheduleConfig(kind=variant.schedule_kind)
     config = ModelConfig(
         variant=variant,
         autoencoder=ae,
@@ -253,7 +254,7 @@ def build_model(config: ModelConfig) -> UPETeModel:
 
 
 def _to_json(value: Any) -> Any:
-    if isinstance(value, Variant):
+    if isinstance(value, Enum):
         return value.value
     if isinstance(value, NoiseCurve):
         return value.to_json()
@@ -273,8 +274,8 @@ def _from_json(tp: Any, data: Any, where: str) -> Any:
         if data is None:
             return None
         return _from_json(args[0], data, where)
-    if tp is Variant:
-        return Variant(data)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(data)
     if tp is NoiseCurve:
         return NoiseCurve.from_json(data)
     if dataclasses.is_dataclass(tp):

@@ -46,8 +46,14 @@ from model.training.calibration import latent_moments, measure_noise_curve
 from model.training.data import DicomLoader, fixed_scale_bqml, load_cases
 from model.training.losses import PerceptualLoss, hinge_d_loss, hinge_g_loss, ssim_loss
 from model.training.patches import PatchSampler, PerturbedPool
-from model.training.runtime import Distributed, Ema, Precision, ProgressLog, resolve_device
-from model.training.settings import DEFAULT_PATCH_CPU, DEFAULT_PATCH_CUDA, TrainSettings, config_for
+from model.training.runtime import Distributed, Ema, Precision, ProgressLog, resolve_device, software_version
+from model.training.settings import (
+    DEFAULT_PATCH_CPU,
+    DEFAULT_PATCH_CUDA,
+    TrainSettings,
+    TrainStage,
+    config_for,
+)
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
 
@@ -425,12 +431,10 @@ class _Run:
         self.save_state()
 
     def _final_config(self, *, denoiser_steps: int) -> ModelConfig:
-        from upete import __version__
-
         training = dict(self.config.training)
         training["denoiser"] = self._summary(steps=denoiser_steps)
         training["seconds"] = self._seconds()
-        return dataclasses.replace(self.config, training=training, software_version=__version__)
+        return dataclasses.replace(self.config, training=training, software_version=software_version())
 
     def finish(self) -> Path | None:
         if not self.dist.main:
@@ -460,14 +464,14 @@ def train(
     run = _Run(settings, dicom_loader, on_step)
     try:
         stage = run.meta["stage"]
-        if settings.stage in ("ae", "both") and stage == "ae":
+        if settings.stage in (TrainStage.AE, TrainStage.BOTH) and stage == "ae":
             run.train_autoencoder()
             stage = run.meta["stage"]
         if stage == "calibrate":
             run.calibrate()
             stage = run.meta["stage"]
         ae_path = run.out / AUTOENCODER_NAME
-        if settings.stage == "ae":
+        if settings.stage is TrainStage.AE:
             return TrainResult(None, ae_path if ae_path.is_file() else None, run.losses)
         if stage == "ae":
             raise ValueError("the autoencoder is not trained yet: run --stage ae or both first")

@@ -6,6 +6,7 @@ Kept apart from :mod:`model.training.diffusion` so the training loops read as th
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import logging
 import os
 import time
@@ -16,9 +17,23 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-__all__ = ["Distributed", "Ema", "Precision", "ProgressLog", "resolve_device"]
+__all__ = ["Distributed", "Ema", "Precision", "ProgressLog", "resolve_device", "software_version"]
 
 log = logging.getLogger("model.training.diffusion")
+
+#: The distribution this code ships in (pyproject.toml); its version is recorded in every checkpoint.
+DISTRIBUTION = "upete-node"
+
+
+def software_version() -> str:
+    """The installed upete-node version, for a checkpoint's ``software_version`` ("unknown" if not installed).
+
+    Read from the package metadata, so model/ never imports the command line for it.
+    """
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:

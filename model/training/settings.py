@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from model.networks.diffusion import Variant
 from model.networks.upete_model import ModelConfig, NormalisationConfig, default_config
 
-__all__ = ["DEFAULT_PATCH_CPU", "DEFAULT_PATCH_CUDA", "TrainSettings", "config_for"]
+__all__ = ["DEFAULT_PATCH_CPU", "DEFAULT_PATCH_CUDA", "TrainSettings", "TrainStage", "config_for"]
+
+
+class TrainStage(str, Enum):
+    """Which stages ``upete train`` runs; the value is the ``--stage`` spelling."""
+
+    AE = "ae"  # the autoencoder, then its calibration
+    DENOISER = "denoiser"  # the denoiser on an autoencoder already trained (--init or --resume)
+    BOTH = "both"
 
 
 @dataclass(frozen=True)
@@ -18,7 +27,7 @@ class TrainSettings:
     variant: Variant
     out_dir: Path
     data_dir: Path
-    stage: str = "both"  # "ae", "denoiser" or "both"
+    stage: TrainStage = TrainStage.BOTH  # its spelling ("ae", "denoiser", "both") is accepted too
     init: Path | None = None  # a checkpoint whose trained autoencoder (and calibration) to reuse
     patch_size: tuple[int, int, int] | None = None  # None: 96³ on CUDA, 32×48×48 on CPU
     batch_size: int = 2
@@ -58,10 +67,15 @@ class TrainSettings:
     amp: bool = True
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, TrainStage):
+            if self.stage not in {s.value for s in TrainStage}:
+                known = ", ".join(s.value for s in TrainStage)
+                raise ValueError(f"stage must be one of {known}, found {self.stage!r}")
+            object.__setattr__(self, "stage", TrainStage(self.stage))  # frozen: set once, here
+
     def validate(self) -> None:
-        if self.stage not in ("ae", "denoiser", "both"):
-            raise ValueError(f"stage must be ae, denoiser or both, found {self.stage!r}")
-        if self.stage == "denoiser" and self.init is None and not self.resume:
+        if self.stage is TrainStage.DENOISER and self.init is None and not self.resume:
             raise ValueError(
                 "--stage denoiser needs a trained autoencoder: give --init CHECKPOINT or --resume"
             )

@@ -31,7 +31,7 @@ from model.networks.checkpoint import load_training_state, read_training_meta, s
 from model.networks.supervised_unet import SupervisedConfig, SupervisedUNet, parameter_count, save_supervised
 from model.training.data import TrainingCase, body_candidates, fixed_scale_bqml, pad_to, random_patch_origin
 from model.training.losses import ssim_loss
-from model.training.runtime import Ema, Precision, ProgressLog, resolve_device
+from model.training.runtime import Ema, Precision, ProgressLog, resolve_device, software_version
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -295,8 +295,6 @@ def train_supervised(
             last_save = time.monotonic()
     save_state(settings.steps)
 
-    from upete import __version__
-
     recent = losses[-100:]
     training = _summary(
         settings,
@@ -306,7 +304,7 @@ def train_supervised(
         final_loss=round(float(np.mean(recent)), 6) if recent else None,
         seconds=round(seconds_before + time.monotonic() - started, 1),
     )
-    final = dataclasses.replace(config, training=training, software_version=__version__)
+    final = dataclasses.replace(config, training=training, software_version=software_version())
     # The shipped weights are the EMA's: smoother and better than the last step's.
     path = save_supervised(out / CHECKPOINT_NAME, ema.shadow, final)
     log.info("model saved", extra={"fields": {"checkpoint": str(path), "kind": "supervised"}})

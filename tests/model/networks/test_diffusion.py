@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from model.networks.diffusion import (
     GaussianSchedule,
     PoissonSchedule,
     ScheduleConfig,
+    ScheduleKind,
     Variant,
     sampling_timesteps,
 )
@@ -70,6 +72,19 @@ def test_schedule_config_is_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             ScheduleConfig(**bad).validate()
+
+
+def test_schedule_kind_is_an_enum_in_code_and_its_plain_spelling_in_json() -> None:
+    from model.networks.upete_model import ModelConfig, default_config
+
+    assert ScheduleConfig(kind="gaussian").kind is ScheduleKind.GAUSSIAN
+    config = default_config("ldm-p")
+    assert config.schedule.kind is ScheduleKind.POISSON is Variant.LDM_P.schedule_kind
+    written = json.loads(json.dumps(config.to_json()))
+    assert written["schedule"]["kind"] == "poisson"
+    assert ModelConfig.from_json(written) == config
+    with pytest.raises(ValueError, match="kind must be one of 'poisson', 'gaussian', found 'uniform'"):
+        ScheduleConfig(kind="uniform")
 
 
 def test_sampling_timesteps_descend_from_t_star() -> None:

@@ -13,6 +13,7 @@ from model.networks.diffusion import Variant
 from model.training.data import TrainingCase, load_cases
 from model.training.diffusion import TrainSettings, train
 from model.training.patches import PatchSampler, PerturbedPool
+from model.training.settings import TrainStage
 from tests.support.model_toys import one_thread, tiny_phantom, write_nifti_cases  # noqa: F401 - one_thread: autouse fixture
 
 #: Two-level autoencoder (f = 2) and U-Net on 8×16×16 patches: a training step takes milliseconds.
@@ -38,6 +39,13 @@ def data(tmp_path_factory: pytest.TempPathFactory):
 
 def _settings(variant: str, data, out, **kw) -> TrainSettings:
     return TrainSettings(variant=Variant(variant), out_dir=out, data_dir=data, device="cpu", **{**FAST, **kw})
+
+
+def test_the_stage_is_an_enum_built_from_its_cli_spelling(tmp_path) -> None:
+    assert _settings("ldm", tmp_path, tmp_path, stage="ae").stage is TrainStage.AE
+    assert _settings("ldm", tmp_path, tmp_path).stage is TrainStage.BOTH
+    with pytest.raises(ValueError, match="stage must be one of ae, denoiser, both, found 'all'"):
+        _settings("ldm", tmp_path, tmp_path, stage="all")
 
 
 def test_a_tiny_model_trains_on_tiny_phantoms_and_its_losses_fall(data, tmp_path) -> None:
