@@ -158,6 +158,31 @@ def test_ct_series_is_dciodvfy_clean_and_in_hu(tmp_path: Path) -> None:
     assert dcentvfy_errors(paths + write_pet_series(tmp_path / "pt", _activity(), study=study)) == []
 
 
+@pytest.mark.parametrize(("intercept", "signed", "bits"), [(-1024.0, True, 16), (0.0, True, 16),
+                                                        (-1024.0, False, 12)])
+def test_ct_pixel_storage_options_keep_hu(tmp_path: Path, intercept: float, signed: bool, bits: int) -> None:
+    hu = np.linspace(-1000, 1500, 2 * 6 * 7).reshape(2, 6, 7).round()
+    paths = write_ct_series(tmp_path, hu, study=StudyInfo(), rescale_intercept=intercept,
+                            signed_pixels=signed, bits_stored=bits)
+    for k, ds in enumerate(_by_instance(paths)):
+        assert (ds.PixelRepresentation, ds.BitsStored, float(ds.RescaleIntercept)) == (int(signed), bits,
+                                                                                    intercept)
+        np.testing.assert_array_equal(ds.pixel_array * float(ds.RescaleSlope) + intercept, hu[k])
+        assert dciodvfy_errors(Path(ds.filename)) == []
+
+
+def test_signed_pet_pixels_and_the_edit_hook(tmp_path: Path) -> None:
+    def edit(ds: pydicom.Dataset, k: int) -> None:
+        ds.Manufacturer = f"vendor {k}"
+
+    paths = write_pet_series(tmp_path, _activity(), study=StudyInfo(), signed_pixels=True, edit=edit)
+    datasets = _by_instance(paths)
+    assert all(ds.PixelRepresentation == 1 and ds.pixel_array.dtype == np.int16 for ds in datasets)
+    assert [ds.Manufacturer for ds in datasets] == [f"vendor {k}" for k in range(len(datasets))]
+    with pytest.raises(ValueError, match="negative"):
+        write_pet_series(tmp_path / "neg", -_activity(), study=StudyInfo(), signed_pixels=False)
+
+
 def test_scanner_sins_are_real_errors(tmp_path: Path) -> None:
     path = write_pet_series(tmp_path, _activity(), study=StudyInfo(), scanner_sins=True)[0]
     errors = dciodvfy_errors(path)
