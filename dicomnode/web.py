@@ -115,9 +115,9 @@ def _seconds(value: float | None) -> str:
 
 def _node_section(report: dict, enhancers: Sequence[EnhancerInfo]) -> str:
     node, disk, counts = report["node"], report["disk"], report["job_counts"]
-    health = "" if node["running"] and "unhealthy" not in node["summary"] else " bad"
+    healthy = node["running"] and "unhealthy" not in node["summary"]
     rows = [
-        ("Node", f'<span class="{health.strip()}">{_e(node["summary"])}</span>'),
+        ("Node", f'<span class="{"" if healthy else "bad"}">{_e(node["summary"])}</span>'),
         ("Software", f"uPETe node {_e(__version__)}"),
     ]
     for label, info in zip(("Model", "PET-only model"), enhancers, strict=False):

@@ -1,5 +1,5 @@
 """DICOMweb STOW-RS destinations against a real archive: Orthanc with its DICOMweb plugin (Debian
-``orthanc-dicomweb``), started here on loopback with the shipped recipe (tests/system/test_orthanc.py).
+``orthanc-dicomweb``), started here on loopback with the shipped recipe (dicomnode/testing/orthanc.py).
 
 The scanner sends the study to Orthanc, Orthanc's guarded rule routes it to the node by C-STORE, and
 the node sends the derived series back by STOW-RS: it must arrive once, whole, in the same study.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.testing.orthanc import DICOMWEB_PLUGIN, ORTHANC, RECIPE, OrthancServer
 from dicomnode.testing.peers import NodeProcess, db_rows, free_port, storescu, wait_for, write_config
 from tests.support.dicomutil import make_study
-from tests.system.test_orthanc import ORTHANC, RULES, Orthanc
 
 pytestmark = [
     pytest.mark.network,
@@ -24,26 +24,17 @@ pytestmark = [
     pytest.mark.skipif(not os.access(ORTHANC, os.X_OK), reason=f"{ORTHANC} is not installed (make peers)"),
 ]
 
-#: Where Debian's orthanc-dicomweb puts the plugin.
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
-
-def with_dicomweb(orthanc: Orthanc) -> str:
-    """Load the DICOMweb plugin into ``orthanc``'s config (before it starts); returns the STOW base URL."""
-    path = orthanc.directory / "orthanc.json"
-    config = json.loads(path.read_text())
-    config["Plugins"] = [str(PLUGIN)]
-    config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
-    path.write_text(json.dumps(config, indent=2))
-    return f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
-
-
-@pytest.mark.skipif(not PLUGIN.is_file(), reason=f"{PLUGIN} is missing (apt-get install orthanc-dicomweb)")
+@pytest.mark.skipif(
+    not DICOMWEB_PLUGIN.is_file(), reason=f"{DICOMWEB_PLUGIN} is missing (apt-get install orthanc-dicomweb)"
+)
 def test_derived_series_arrives_once_whole_in_the_study_by_stow(tmp_path: Path) -> None:
     study = make_study(tmp_path / "in", shuffle_seed=4)
     node_port = free_port()
-    orthanc = Orthanc(tmp_path, node_port=node_port, rule=RULES["guarded"])
-    stow_url = with_dicomweb(orthanc)
+    # The guarded rule (docs/PACS.md) routes the scanner's study to the node, never our output.
+    orthanc = OrthancServer(tmp_path / "orthanc", node_port=node_port, rules=[RECIPE / "route-to-upete.lua"],
+                            dicomweb=True)
+    stow_url = orthanc.dicomweb_url
     config = write_config(
         tmp_path,
         port=node_port,
@@ -70,7 +61,9 @@ def test_derived_series_arrives_once_whole_in_the_study_by_stow(tmp_path: Path) 
         [study_id] = orthanc.get("/studies")
         tags = orthanc.get(f"/studies/{study_id}")["MainDicomTags"]
         assert tags["StudyInstanceUID"] == study.study.study_uid
-        series = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in orthanc.series_of_study()}
+        series = {
+            s["MainDicomTags"]["SeriesInstanceUID"]: s for s in orthanc.get(f"/studies/{study_id}/series")
+        }
         assert len(series) == 3  # PET, CT, derived: nothing twice
         derived = series[job["derived_series_uid"]]
         assert len(derived["Instances"]) == job["output_count"]
