@@ -9,14 +9,18 @@ Rules (ARCHITECTURE.md §3), applied by :meth:`Assembler.poll` to every PET seri
   Units BQML, CorrectedImage containing ATTN, not dynamic or gated, one Frame of Reference, and not
   produced by this node (our own records and the derivation tags — the loop guard). Anything else is
   skipped with a reason, logged, audited and kept in ``series_state`` for ``upete status``;
-- **paired** with a CT series of the same study and Frame of Reference that covers at least
-  ``pipeline.MIN_CT_COVERAGE`` of the PET's voxel centres without missing slices (the pipeline's own
-  rule, so a paired CT is never refused later). While the study is still receiving (the PET complete
-  by NumberOfSlices), a CT is taken only if it arrived entirely before the PET and spans every PET
-  slice — one sent alongside the PET may be half-way. Among several, the best-covering;
+- **paired** with a CT series of the same study and Frame of Reference, without missing slices, whose
+  box overlaps the PET's. Whether it covers the *patient* needs the pixels, so the pipeline judges
+  that (:mod:`dicomnode.ct_coverage`) and runs the PET-only model, with the reason, when it does not;
+  the index alone cannot tell a 50 cm CT around the whole body from one that misses part of it. While
+  the study is still receiving (the PET complete by NumberOfSlices), a CT is taken only if it arrived
+  entirely before the PET and spans every PET slice — one sent alongside the PET may be half-way.
+  Among several, the one covering most of the PET's box;
 - **no CT** after ``assembly.ct_wait_s`` (counted from the PET's completion): the job runs without CT
-  if the configured model can (:class:`CtPolicy`), else a job is recorded as failed with the reason.
-  An enhancer that ignores the CT does not wait for one.
+  if the configured model can (:class:`CtPolicy`: the PET-only variant when the main model needs a
+  CT), with the reason (no CT, another Frame of Reference, missing slices) kept in the job as its
+  ``ct_note``; else a job is recorded as failed with the reason. An enhancer that ignores the CT does
+  not wait for one.
 
 Each selected series becomes exactly one job (:meth:`JobQueue.create` refuses a second), with the
 SOP Instance UIDs present at that moment as its fixed inputs.
@@ -27,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.uid import PositronEmissionTomographyImageStorage
@@ -35,10 +39,7 @@ from pydicom.uid import PositronEmissionTomographyImageStorage
 from dicomnode.audit import AuditLog
 from dicomnode.config import AssemblySettings
 from dicomnode.db import Database
-from dicomnode.jobs import JobQueue
-
-# One coverage threshold for the node: the pipeline refuses a CT below it, so pairing one is useless.
-from dicomnode.pipeline import MIN_CT_COVERAGE
+from dicomnode.jobs import JobQueue, JobVariant
 
 __all__ = ["Assembler", "CtPolicy", "SeriesBox", "ct_coverage"]
 
@@ -114,6 +115,16 @@ class SeriesBox:
         )
 
 
+@dataclass(frozen=True)
+class _FoundCt:
+    """The assembler's CT for a PET series (``series_uid`` None: none, and ``why_not`` says why)."""
+
+    series_uid: str | None = None
+    sop_uids: list[str] = field(default_factory=list)
+    coverage: float = 0.0  # of the PET's box (ranks candidates)
+    why_not: str = ""
+
+
 def _uniform_grid(rows: list) -> bool:
     """One orientation and one pixel grid across the series (else volume.py refuses it anyway)."""
     keys = {(r["orientation"], r["rows"], r["columns"], r["row_spacing"], r["col_spacing"]) for r in rows}
@@ -134,12 +145,12 @@ def _gap_free_runs(positions: np.ndarray) -> tuple[list[tuple[float, float]], fl
 
 
 def ct_coverage(pet: SeriesBox, ct: SeriesBox) -> tuple[float, bool]:
-    """(fraction of the PET's voxel centres inside the CT, whether every PET slice is inside axially).
+    """(fraction of the PET box's voxel centres inside the CT, whether every PET slice is inside axially).
 
-    The rule of :func:`dicomnode.volume.coverage_fraction` (a voxel centre counts when it lies within
-    half a voxel of the CT's grid), computed from the index alone and aware of missing CT slices: a
-    gap over 1.5× the CT's median slice step is not covered. Sampled on at most 32 points per
-    in-plane axis.
+    A voxel centre counts when it lies within half a voxel of the CT's grid; computed from the index
+    alone and aware of missing CT slices: a gap over 1.5× the CT's median slice step is not covered.
+    Sampled on at most 32 points per in-plane axis. It ranks candidate CTs; whether one covers the
+    patient is the pipeline's judgement (:func:`dicomnode.ct_coverage.judge_ct`).
     """
     if len(ct.positions) < 2:
         return 0.0, False
@@ -231,72 +242,90 @@ class Assembler:
                 return None
             waiting_since = now
         pet_uids = [row["sop_uid"] for row in rows]
-        ct_series, ct_uids, coverage = self._find_ct(study_uid, rows, quiet)
-        if ct_series is not None:
+        found = self._find_ct(study_uid, rows, quiet)
+        if found.series_uid is not None:
             self.audit.record(
                 "ct_paired",
                 study_uid=study_uid,
                 series_uid=series_uid,
-                ct_series_uid=ct_series,
-                ct_instances=len(ct_uids),
-                coverage=f"{coverage:.3f}",
+                ct_series_uid=found.series_uid,
+                ct_instances=len(found.sop_uids),
+                box_coverage=f"{found.coverage:.3f}",
             )
-            return self._create(series_uid, study_uid, ct_series, "main", pet_uids, ct_uids, now)
+            return self._create(series_uid, study_uid, found.series_uid, JobVariant.MAIN, pet_uids,
+                                found.sop_uids, now)
         if not self.policy.uses_ct:
-            return self._create(series_uid, study_uid, None, "main", pet_uids, [], now)
+            return self._create(series_uid, study_uid, None, JobVariant.MAIN, pet_uids, [], now)
         if now - waiting_since < self.settings.ct_wait_s:
             if rows[0]["state"] != "waiting_ct":
                 self._decide(series_uid, study_uid, "waiting_ct", "waiting for a CT covering the PET", now)
             return None
-        wait = f"no CT of the study covered the PET within assembly.ct_wait_s ({self.settings.ct_wait_s:g} s)"
-        self.audit.record("ct_missing", study_uid=study_uid, series_uid=series_uid, reason=wait)
+        why = found.why_not
+        waited = f"{why} (waited assembly.ct_wait_s = {self.settings.ct_wait_s:g} s)"
+        self.audit.record("ct_missing", study_uid=study_uid, series_uid=series_uid, reason=waited)
+        log.info("no usable CT for the PET series",
+                 extra={"fields": {"series_uid": series_uid, "reason": waited}})
         if not self.policy.requires_ct:
-            return self._create(series_uid, study_uid, None, "main", pet_uids, [], now)
+            return self._create(series_uid, study_uid, None, JobVariant.MAIN, pet_uids, [], now, why)
         if self.policy.has_without_ct_variant:
-            return self._create(series_uid, study_uid, None, "without_ct", pet_uids, [], now)
-        job_id = self._create(series_uid, study_uid, None, "main", pet_uids, [], now)
+            return self._create(series_uid, study_uid, None, JobVariant.WITHOUT_CT, pet_uids, [], now, why)
+        job_id = self._create(series_uid, study_uid, None, JobVariant.MAIN, pet_uids, [], now, why)
         if job_id is not None:
-            self.jobs.fail(job_id, f"{wait}; the model needs a CT and model.checkpoint_without_ct is not set")
+            self.jobs.fail(job_id, f"{waited}; the model needs a CT and model.checkpoint_without_ct "
+                                   "is not set")
         return job_id
 
-    def _find_ct(self, study_uid: str, pet_rows: list, quiet: bool) -> tuple[str | None, list[str], float]:
-        """The best CT series for this PET: (series UID, its SOP UIDs, coverage) or (None, [], 0)."""
+    def _find_ct(self, study_uid: str, pet_rows: list, quiet: bool) -> _FoundCt:
+        """The best CT series for this PET, or none with the reason (the last CT's, in series order)."""
         if not _uniform_grid(pet_rows):
-            return None, [], 0.0
+            return _FoundCt(why_not="the PET series has no single pixel grid")
         pet = SeriesBox.from_rows(pet_rows)
         pet_for = pet_rows[0]["frame_of_reference_uid"]
         by_series: dict[str, list] = defaultdict(list)
         for row in self.db.query(_STUDY_CT, (study_uid,)):
-            by_series[row["series_uid"]].append(row)
+            if not row["derived_by_us"]:
+                by_series[row["series_uid"]].append(row)
         pet_first = min(row["received_at"] for row in pet_rows)
         candidates = []
-        for ct_series, rows in by_series.items():
+        why_not = "the study has no CT series"
+        for ct_series, rows in sorted(by_series.items()):
             # Only the PET's Frame of Reference: another one's coordinates need a registration.
-            if any(row["derived_by_us"] or row["frame_of_reference_uid"] != pet_for for row in rows):
+            if any(row["frame_of_reference_uid"] != pet_for for row in rows):
+                why_not = (f"the study's CT series {ct_series} has another Frame of Reference "
+                           "(FrameOfReferenceUID) than the PET")
                 continue
             if not _uniform_grid(rows):
+                why_not = f"the study's CT series {ct_series} has no single pixel grid"
                 continue
-            coverage, axially_complete = ct_coverage(pet, SeriesBox.from_rows(rows))
+            box = SeriesBox.from_rows(rows)
+            if len(_gap_free_runs(box.positions)[0]) > 1:
+                why_not = f"the study's CT series {ct_series} has missing slices"
+                continue
+            coverage, axially_complete = ct_coverage(pet, box)
+            if coverage <= 0:
+                why_not = f"the study's CT series {ct_series} does not overlap the PET"
+                continue
             # While the study still receives, a CT counts as complete only when it was all there before
             # the PET began to arrive (sent first, as scanners do) and spans every PET slice; a CT sent
             # alongside the PET may still be arriving, so it waits for the quiet timer.
             finished_before_pet = max(row["received_at"] for row in rows) < pet_first
-            if coverage >= MIN_CT_COVERAGE and (quiet or (axially_complete and finished_before_pet)):
+            if quiet or (axially_complete and finished_before_pet):
                 candidates.append((coverage, len(rows), ct_series, rows))
         if not candidates:
-            return None, [], 0.0
+            return _FoundCt(why_not=why_not)
         coverage, _, ct_series, rows = max(candidates, key=lambda c: c[:2])
-        return ct_series, [row["sop_uid"] for row in rows], coverage
+        return _FoundCt(ct_series, [row["sop_uid"] for row in rows], coverage)
 
     def _create(
         self,
         series_uid: str,
         study_uid: str,
         ct_series: str | None,
-        variant: str,
+        variant: JobVariant,
         pet_uids: list[str],
         ct_uids: list[str],
         now: float,
+        ct_note: str | None = None,
     ) -> int | None:
         job_id = self.jobs.create(
             pet_series_uid=series_uid,
@@ -305,6 +334,7 @@ class Assembler:
             variant=variant,
             pet_sop_uids=pet_uids,
             ct_sop_uids=ct_uids,
+            ct_note=ct_note,
         )
         # Recorded after the job: a crash in between only re-runs this decision, and create() refuses a
         # second job for the series.

@@ -8,6 +8,7 @@ key, e.g. ``config/site.yaml: node.prot: unknown key``.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import ipaddress
 import os
 import urllib.parse
@@ -32,7 +33,10 @@ __all__ = [
     "load_settings",
     "parse_settings",
     "resolve_checkpoint",
+    "DEFAULT_CHECKPOINT",
+    "DEFAULT_CHECKPOINT_WITHOUT_CT",
     "DEFAULT_CONFIG",
+    "SHIPPED_WEIGHTS",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node.yaml"
@@ -294,7 +298,9 @@ AnyDestination = Annotated[
 
 
 class OutputSettings(_Section):
-    series_description_suffix: str = " uPETe"
+    # Appended to the source's SeriesDescription. null: a space and the method that made the pixels
+    # ("uPETe", "Gaussian", "supervised"; dicomnode.derived.method_label), so the name never lies.
+    series_description_suffix: str | None = None
     series_number_offset: int = Field(1000, ge=1)
     # A PNG beside each finished job's outputs (LPET, enhanced, CT; dicomnode/preview.py).
     preview: bool = True
@@ -302,11 +308,28 @@ class OutputSettings(_Section):
     preview_secondary_capture: bool = False
 
 
+def _model_package_dir() -> Path:
+    """Where the installed ``model`` package lives, found without importing it (torch loads late)."""
+    spec = importlib.util.find_spec("model")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parent.parent / "model"
+
+
+#: The shipped uPETe weights (model/weights/README.md): LDM-P-CT, and LDM-P for studies without a CT.
+SHIPPED_WEIGHTS = _model_package_dir() / "weights"
+DEFAULT_CHECKPOINT = str(SHIPPED_WEIGHTS / "upete-ldm-p-ct.safetensors")
+DEFAULT_CHECKPOINT_WITHOUT_CT = str(SHIPPED_WEIGHTS / "upete-ldm-p.safetensors")
+
+
 class ModelSettings(_Section):
     # A path to a .safetensors checkpoint (its JSON config beside it), or "classical:gaussian" for the
-    # classical fallback enhancer. Relative paths are taken from the project root.
-    checkpoint: str = "classical:gaussian"
-    # Used for studies without a usable CT when the main model needs one (PET-only variant).
+    # classical filter (named explicitly: it never stands in for a missing model). Relative paths are
+    # taken from the working directory, else from the folder holding the model package. Default: the
+    # shipped uPETe weights, wherever the package is installed.
+    checkpoint: str = DEFAULT_CHECKPOINT
+    # Used for studies without a usable CT when the main model needs one (PET-only variant). Default:
+    # the shipped PET-only weights, but only while `checkpoint` is the default too.
     checkpoint_without_ct: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # null: the checkpoint's own default (the shipped models': chosen from the steps-vs-quality curve).
@@ -314,6 +337,15 @@ class ModelSettings(_Section):
     # Known dose fraction of the low-dose acquisition (0 < d <= 1); null = estimate from the image.
     dose_fraction: float | None = Field(None, gt=0, le=1)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped_pair(cls, data: object) -> object:
+        # The shipped PET-only model goes with the shipped main model; a site naming its own checkpoint
+        # names its PET-only model too (or has none), so no unrelated model is loaded behind its back.
+        if isinstance(data, dict) and "checkpoint" not in data and "checkpoint_without_ct" not in data:
+            return {**data, "checkpoint_without_ct": DEFAULT_CHECKPOINT_WITHOUT_CT}
+        return data
 
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -392,14 +424,13 @@ class Settings(_Section):
         return self
 
 
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
 def _resolve(path: Path) -> Path:
-    """A relative path in the config means: relative to the working directory, else the project root."""
+    """A relative path in the config means: relative to the working directory, else to the folder that
+    holds the model package (the project root in a checkout, site-packages when installed), so
+    ``model/weights/…`` names the shipped weights from any working directory."""
     if path.is_absolute() or path.exists():
         return path
-    return _PROJECT_ROOT / path
+    return _model_package_dir().parent / path
 
 
 def resolve_checkpoint(spec: str) -> str:

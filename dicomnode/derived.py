@@ -35,7 +35,8 @@ from dicomnode.quantize import quantize_slice
 from model.enhance import EnhancerInfo
 from upete import __version__
 
-__all__ = ["DerivedPlan", "plan_derived", "write_derived_series", "is_derived_by_us", "MANUFACTURER"]
+__all__ = ["DerivedPlan", "plan_derived", "write_derived_series", "is_derived_by_us", "method_label",
+           "MANUFACTURER"]
 
 log = logging.getLogger("upete.derived")
 
@@ -125,7 +126,23 @@ def _now() -> tuple[str, str]:
     return now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
 
 
-def _series_description(source: Dataset, suffix: str) -> str:
+# The word a derived SeriesDescription ends with, by the start of EnhancerInfo.name: what made the
+# pixels, so a reader of the series list tells the diffusion model from a plain filter.
+_METHOD_LABELS = (("uPETe", "uPETe"), ("Gaussian", "Gaussian"), ("Supervised", "supervised"))
+
+
+def method_label(info: EnhancerInfo) -> str:
+    """"uPETe" for the diffusion models, "Gaussian" for the classical filter, "supervised" for the
+    U-Net; any other enhancer's own name."""
+    for prefix, label in _METHOD_LABELS:
+        if info.name.startswith(prefix):
+            return label
+    return info.name
+
+
+def _series_description(source: Dataset, suffix: str | None, info: EnhancerInfo) -> str:
+    """The source's description + ``suffix`` (None: a space and :func:`method_label`), within LO's 64."""
+    suffix = f" {method_label(info)}" if suffix is None else suffix
     base = str(source.get("SeriesDescription", "") or "PET").strip()
     # LO holds 64 characters: shorten the source's part, never our suffix (it marks the series).
     return base[: max(64 - len(suffix), 0)] + suffix[:64]
@@ -151,9 +168,12 @@ def _equipment_items(source: Dataset, info: EnhancerInfo, when: str) -> DicomSeq
     return DicomSequence([acquisition, ours])
 
 
-def _derivation_description(info: EnhancerInfo) -> str:
-    text = f"{info.description} [{info.name}, version {info.version}; {_DERIVATION_MARKER} {__version__}]"
-    return text[:1024]  # ST
+def _derivation_description(info: EnhancerInfo, note: str | None) -> str:
+    # The note (why the study's CT was not used) leads, so no viewer's truncation hides it; ST holds 1024
+    # characters, and the loop guard's marker at the end must survive, so the note is what gets cut.
+    tail = f"{info.description} [{info.name}, version {info.version}; {_DERIVATION_MARKER} {__version__}]"
+    lead = f"{note}. " if note else ""
+    return lead[: max(1024 - len(tail), 0)] + tail[:1024]
 
 
 def _fill_pet_image_gaps(ds: Dataset, index: int) -> None:
@@ -211,13 +231,15 @@ def write_derived_series(
     info: EnhancerInfo,
     output: OutputSettings,
     out_dir: str | os.PathLike[str],
+    note: str | None = None,
 ) -> list[Path]:
     """Write the derived series of ``enhanced`` (Bq/ml, on the grid of ``sources``) into ``out_dir``.
 
     ``sources`` are the source PET headers in the image's z order (as :func:`volume.load_series`
     returns them); slice ``k`` of ``enhanced`` becomes the derived image of ``sources[k]``, named
     ``<SOP Instance UID>.dcm``. Negative activity is clipped to 0 (logged). Returns the paths in slice
-    order. Raises ValueError when the image, the sources and the plan do not match.
+    order. ``note`` (why the study's CT was not used) leads the DerivationDescription. Raises
+    ValueError when the image, the sources and the plan do not match.
     """
     sources = list(sources)
     if not sources:
@@ -237,7 +259,7 @@ def write_derived_series(
     out.mkdir(parents=True, exist_ok=True)
     date, time = _now()
     equipment = _equipment_items(sources[0], info, date + time)
-    description = _series_description(sources[0], output.series_description_suffix)
+    description = _series_description(sources[0], output.series_description_suffix, info)
     paths: list[Path] = []
     for k, source in enumerate(sources):
         ds = copy_source_attributes(source)
@@ -262,7 +284,7 @@ def write_derived_series(
         ds.InstanceNumber = int(source.get("InstanceNumber") or k + 1)
         ds.ContentDate, ds.ContentTime = date, time
         ds.ImageType = ["DERIVED", "PRIMARY"]  # value 2 must stay PRIMARY for PET (ARCHITECTURE.md §6)
-        ds.DerivationDescription = _derivation_description(info)
+        ds.DerivationDescription = _derivation_description(info, note)
         ds.DerivationCodeSequence = DicomSequence([code_item("113087", "DCM", "Smoothing")])
         reference = Dataset()
         reference.ReferencedSOPClassUID = source.SOPClassUID

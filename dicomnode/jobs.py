@@ -31,7 +31,17 @@ from enum import Enum
 from dicomnode.audit import AuditLog
 from dicomnode.db import Database
 
-__all__ = ["Job", "JobQueue", "JobState", "SendTarget", "MAX_PROCESS_ATTEMPTS", "MAX_BACKOFF_S"]
+__all__ = [
+    "Job",
+    "JobQueue",
+    "JobState",
+    "JobVariant",
+    "ModelUsed",
+    "SendState",
+    "SendTarget",
+    "MAX_PROCESS_ATTEMPTS",
+    "MAX_BACKOFF_S",
+]
 
 MAX_PROCESS_ATTEMPTS = 3
 MAX_BACKOFF_S = 3600.0
@@ -45,6 +55,41 @@ class JobState(str, Enum):
     FAILED = "failed"
 
 
+class JobVariant(str, Enum):
+    """Which configured model a job is for (stored as its value in ``jobs.variant``)."""
+
+    MAIN = "main"  # model.checkpoint
+    WITHOUT_CT = "without_ct"  # model.checkpoint_without_ct: the study has no CT that covers the patient
+
+
+class SendState(str, Enum):
+    """One destination's delivery state (stored as its value in ``job_sends.state``)."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# Columns added to ``jobs`` after the first schema shipped. A spool written by an older node lacks them:
+# :meth:`JobQueue.migrate` adds them (ALTER TABLE ADD COLUMN: old rows read NULL), readers tolerate
+# their absence, so ``upete status`` also reads an old spool without writing to it.
+_ADDED_COLUMNS = {
+    "ct_note": "TEXT",  # why the job ran without the study's CT (None: the CT was used, or none needed)
+    "model_checkpoint": "TEXT",  # file name of the checkpoint (or the classical spec) that ran
+    "model_name": "TEXT",  # EnhancerInfo.name of that model
+    "model_version": "TEXT",  # EnhancerInfo.version: the checkpoint's digest
+}
+
+
+@dataclass(frozen=True)
+class ModelUsed:
+    """The model a job ran: checkpoint file name (or classical spec), name and version (digest)."""
+
+    checkpoint: str
+    name: str
+    version: str
+
+
 @dataclass(frozen=True)
 class Job:
     """A row of ``jobs``; times are Unix seconds."""
@@ -53,7 +98,7 @@ class Job:
     pet_series_uid: str
     study_uid: str
     ct_series_uid: str | None
-    variant: str  # "main" or "without_ct"
+    variant: JobVariant
     state: JobState
     reason: str | None
     process_attempts: int
@@ -68,15 +113,23 @@ class Job:
     processed_at: float | None
     finished_at: float | None
     next_attempt_at: float | None
+    ct_note: str | None = None  # why the study's CT was not used ("PET-only model: …"), if it was not
+    model: ModelUsed | None = None  # the model that produced the output (None until processed)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
+        added = {key: row[key] if key in row.keys() else None for key in _ADDED_COLUMNS}
+        model = None
+        if added["model_checkpoint"] is not None:
+            model = ModelUsed(
+                added["model_checkpoint"], added["model_name"] or "", added["model_version"] or ""
+            )
         return cls(
             id=row["id"],
             pet_series_uid=row["pet_series_uid"],
             study_uid=row["study_uid"],
             ct_series_uid=row["ct_series_uid"],
-            variant=row["variant"],
+            variant=JobVariant(row["variant"]),
             state=JobState(row["state"]),
             reason=row["reason"],
             process_attempts=row["process_attempts"],
@@ -91,6 +144,8 @@ class Job:
             processed_at=row["processed_at"],
             finished_at=row["finished_at"],
             next_attempt_at=row["next_attempt_at"],
+            ct_note=added["ct_note"],
+            model=model,
         )
 
 
@@ -100,7 +155,7 @@ class SendTarget:
 
     job_id: int
     destination: str  # "AE@host:port"
-    state: str  # pending | done | failed
+    state: SendState
     attempts: int
     sent: int
     last_error: str | None
@@ -123,11 +178,24 @@ def destination_key(ae_title: str, host: str, port: int) -> str:
 class JobQueue:
     """The job table behind a small API; see the module docstring for the guarantees."""
 
-    def __init__(self, db: Database, audit: AuditLog, *, owner: str | None = None) -> None:
+    def __init__(
+        self, db: Database, audit: AuditLog, *, owner: str | None = None, migrate: bool = True
+    ) -> None:
+        """``migrate=False`` for readers (``upete status``): they never write to the node's database."""
         self.db = db
         self.audit = audit
         self._audit_lines: list[dict[str, object]] | None = None
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        if migrate:
+            self.migrate()
+
+    def migrate(self) -> None:
+        """Add the columns of :data:`_ADDED_COLUMNS` that the ``jobs`` table lacks (idempotent)."""
+        with self.db.transaction() as conn:
+            present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in present:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     # -- transitions -------------------------------------------------------------------------------
 
@@ -170,19 +238,24 @@ class JobQueue:
         pet_series_uid: str,
         study_uid: str,
         ct_series_uid: str | None,
-        variant: str,
+        variant: JobVariant,
         pet_sop_uids: Sequence[str],
         ct_sop_uids: Sequence[str] = (),
+        ct_note: str | None = None,
     ) -> int | None:
-        """Queue a job for a PET series with exactly these inputs; None if the series already has one."""
+        """Queue a job for a PET series with exactly these inputs; None if the series already has one.
+
+        ``ct_note``: why the job runs without the study's CT, when the assembler already knows.
+        """
         if not pet_sop_uids:
             raise ValueError("a job needs at least one PET instance")
+        variant = JobVariant(variant)
         now = time.time()
         with self.db.transaction() as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO jobs (pet_series_uid, study_uid, ct_series_uid, variant, state, "
-                "created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                (pet_series_uid, study_uid, ct_series_uid, variant, now, now),
+                "ct_note, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (pet_series_uid, study_uid, ct_series_uid, variant.value, ct_note, now, now),
             )
             if cursor.rowcount == 0:
                 return None
@@ -196,7 +269,7 @@ class JobQueue:
             job_id=job_id,
             pet_series_uid=pet_series_uid,
             ct_series_uid=ct_series_uid,
-            variant=variant,
+            variant=variant.value,
             to=JobState.QUEUED.value,
             pet_instances=len(pet_sop_uids),
             ct_instances=len(ct_sop_uids),
@@ -272,8 +345,23 @@ class JobQueue:
         output_count: int,
         stage_seconds: dict[str, float],
         destinations: Iterable[str],
+        model: ModelUsed | None = None,
+        ct_note: str | None = None,
+        variant: JobVariant | None = None,
     ) -> None:
-        """running → sending, with one pending delivery per destination key (``AE@host:port``)."""
+        """running → sending, with one pending delivery per destination key (``AE@host:port``).
+
+        ``model``: what produced the output; ``ct_note``: why the study's CT was not used (the
+        assembler's note stays when None); ``variant``: which configured model ran, when known.
+        """
+        recorded: dict[str, object] = {}
+        if model is not None:
+            recorded = {"model_checkpoint": model.checkpoint, "model_name": model.name,
+                        "model_version": model.version}
+        if ct_note is not None:
+            recorded["ct_note"] = ct_note
+        if variant is not None:
+            recorded["variant"] = JobVariant(variant).value
         now = time.time()
         with self._tx() as conn:
             job = self._require(conn, job_id, JobState.RUNNING)
@@ -289,6 +377,7 @@ class JobQueue:
                 processed_at=now,
                 stage_seconds=json.dumps(stage_seconds),
                 next_attempt_at=now,
+                **recorded,
             )
             self._reset_sends(conn, job_id, destinations, now)
 
@@ -297,8 +386,8 @@ class JobQueue:
         conn.execute("DELETE FROM job_sends WHERE job_id = ?", (job_id,))
         conn.executemany(
             "INSERT INTO job_sends (job_id, destination, state, attempts, sent, next_attempt_at, updated_at) "
-            "VALUES (?, ?, 'pending', 0, 0, ?, ?)",
-            [(job_id, key, now, now) for key in destinations],
+            "VALUES (?, ?, ?, 0, 0, ?, ?)",
+            [(job_id, key, SendState.PENDING.value, now, now) for key in destinations],
         )
 
     def fail(self, job_id: int, reason: str) -> None:
@@ -334,7 +423,7 @@ class JobQueue:
             SendTarget(
                 job_id=r["job_id"],
                 destination=r["destination"],
-                state=r["state"],
+                state=SendState(r["state"]),
                 attempts=r["attempts"],
                 sent=r["sent"],
                 last_error=r["last_error"],
@@ -365,15 +454,16 @@ class JobQueue:
                 raise KeyError(f"job {job_id} has no destination {destination}")
             attempts = row["attempts"] + 1
             if ok:
-                state, retry_at = "done", None
+                state, retry_at = SendState.DONE, None
             elif attempts > max_retries:
-                state, retry_at = "failed", None
+                state, retry_at = SendState.FAILED, None
             else:
-                state, retry_at = "pending", now + min(backoff_s * 2 ** (attempts - 1), MAX_BACKOFF_S)
+                state = SendState.PENDING
+                retry_at = now + min(backoff_s * 2 ** (attempts - 1), MAX_BACKOFF_S)
             conn.execute(
                 "UPDATE job_sends SET state = ?, attempts = ?, sent = ?, last_error = ?, "
                 "next_attempt_at = ?, updated_at = ? WHERE job_id = ? AND destination = ?",
-                (state, attempts, sent, None if ok else error, retry_at, now, job_id, destination),
+                (state.value, attempts, sent, None if ok else error, retry_at, now, job_id, destination),
             )
         return SendTarget(job_id, destination, state, attempts, sent, None if ok else error, retry_at)
 
@@ -384,8 +474,8 @@ class JobQueue:
         with self._tx() as conn:
             job = self._require(conn, job_id, JobState.SENDING)
             sends = conn.execute("SELECT * FROM job_sends WHERE job_id = ?", (job_id,)).fetchall()
-            pending = [s for s in sends if s["state"] == "pending"]
-            failed = [s for s in sends if s["state"] == "failed"]
+            pending = [s for s in sends if s["state"] == SendState.PENDING.value]
+            failed = [s for s in sends if s["state"] == SendState.FAILED.value]
             if pending:
                 conn.execute(
                     "UPDATE jobs SET lease_owner = NULL, lease_until = NULL, next_attempt_at = ?, "

@@ -1,8 +1,15 @@
 """One PET series (and its CT) through the enhancer into a derived series: the worker's and
 ``upete enhance``'s shared path.
 
-load PET (+ CT) → CT resampled onto the PET grid → ``enhancer.enhance`` → derived series on disk.
-Unusable input raises :class:`~dicomnode.volume.VolumeError` with the reason a job fails for.
+load PET (+ CT) → is the CT usable? → CT resampled onto the PET grid → ``enhancer.enhance`` →
+derived series on disk. Unusable input raises :class:`~dicomnode.volume.VolumeError` with the reason a
+job fails for.
+
+A CT is used when it shares the PET's Frame of Reference and covers the patient's body
+(:mod:`dicomnode.ct_coverage`: judged over the body the PET shows, not over the PET's box); outside its
+field of view the model sees air (``CT_OUTSIDE_HU``, −1000 HU, as in training). A CT that misses part
+of the patient is not used: a model that needs one is replaced by the PET-only model, and the reason
+("PET-only model: …") goes into the result, the log and the derived series' DerivationDescription.
 """
 
 from __future__ import annotations
@@ -17,20 +24,16 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicomnode.config import OutputSettings
+from dicomnode.ct_coverage import CT_OUTSIDE_HU, judge_ct
 from dicomnode.derived import DerivedPlan, is_derived_by_us, plan_derived, write_derived_series
 from dicomnode.pet_units import stored_suv_per_bqml
 from dicomnode.preview import suv_scale
-from dicomnode.volume import SeriesVolume, VolumeError, coverage_fraction, load_series, resample_onto
-from model.enhance import Enhancer
+from dicomnode.volume import SeriesVolume, VolumeError, load_series, resample_onto
+from model.enhance import Enhancer, EnhancerInfo
 
-__all__ = ["EnhanceResult", "enhance_series", "check_pet_series", "MIN_CT_COVERAGE", "CT_OUTSIDE_HU"]
+__all__ = ["EnhanceResult", "enhance_series", "check_pet_series", "CT_OUTSIDE_HU"]
 
 log = logging.getLogger("upete.pipeline")
-
-#: A CT must cover at least this fraction of the PET volume (voxel centres) to be used.
-MIN_CT_COVERAGE = 0.9
-#: Value of PET-grid voxels outside the CT: air.
-CT_OUTSIDE_HU = -1000.0
 
 # Share of the overall progress each stage reports in (load, resample, enhance, write).
 _PROGRESS = {"load": (0.0, 0.1), "resample": (0.1, 0.15), "enhance": (0.15, 0.9), "write": (0.9, 1.0)}
@@ -42,12 +45,16 @@ class EnhanceResult:
 
     ``enhance_seconds``: the enhancer's own stages within ``enhance`` (encode, sample, …) when it
     records them (a ``timings`` dict, as :class:`~model.enhancers.diffusion.DiffusionEnhancer` does).
+    ``info``: the model that ran; ``ct_note``: why a model that looks at a CT ran without one
+    ("PET-only model: …"), None when the CT was used or the model never looks at one.
     """
 
     paths: list[Path]
     plan: DerivedPlan
     seconds_by_stage: dict[str, float]
+    info: EnhancerInfo
     ct_used: bool = False
+    ct_note: str | None = None
     notes: list[str] = field(default_factory=list)
     enhance_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -101,14 +108,32 @@ def _reporter(progress: Callable[[float, str], None] | None, stage: str) -> Call
     return report
 
 
-def _load_ct(ct_paths: Sequence[str | os.PathLike[str]], pet: SeriesVolume) -> SeriesVolume:
+def _usable_ct(
+    ct_paths: Sequence[str | os.PathLike[str]], pet: SeriesVolume
+) -> tuple[SeriesVolume | None, str]:
+    """(the CT, "") when it covers the patient, else (None, why not). Unreadable files raise VolumeError."""
     ct = load_series(ct_paths)
     if ct.modality != "CT":
         raise VolumeError(f"the CT series has Modality {ct.modality or 'missing'}, expected CT")
     if ct.frame_of_reference_uid != pet.frame_of_reference_uid:
-        raise VolumeError("the CT and the PET have different Frames of Reference; their coordinates "
-                          "cannot be matched without a registration")
-    return ct
+        return None, ("the CT has another Frame of Reference (FrameOfReferenceUID) than the PET: their "
+                      "coordinates cannot be matched without a registration")
+    coverage = judge_ct(pet.image, ct.image)
+    fields = {"pet_series_uid": pet.series_uid, "ct_series_uid": ct.series_uid,
+              "body_axial": f"{coverage.axial:.3f}", "body_inside": f"{coverage.inside:.3f}"}
+    log.info("CT coverage of the patient", extra={"fields": fields})
+    refusal = coverage.refusal
+    return (None, refusal) if refusal else (ct, "")
+
+
+def _choose_model(main: Enhancer, without_ct: Enhancer | None, why_no_ct: str) -> tuple[Enhancer, str]:
+    """The model to run when no usable CT is there, and the note saying so (VolumeError if none can)."""
+    if not main.info.requires_ct:
+        return main, f"{main.info.name} without a CT: {why_no_ct}"
+    if without_ct is None:
+        raise VolumeError(f"{main.info.name} needs a CT and none is usable ({why_no_ct}); "
+                          "model.checkpoint_without_ct is not set")
+    return without_ct, f"PET-only model: {why_no_ct}"
 
 
 def enhance_series(
@@ -120,13 +145,18 @@ def enhance_series(
     output: OutputSettings,
     plan: DerivedPlan | None = None,
     progress: Callable[[float, str], None] | None = None,
+    without_ct: Enhancer | None = None,
+    no_ct_reason: str | None = None,
 ) -> EnhanceResult:
     """Enhance the PET series in ``pet_paths`` and write its derived series into ``out_dir``.
 
-    ``ct_paths`` (or None) is the CT of the same study and frame of reference; it is loaded only when
-    the enhancer uses a CT. ``plan`` fixes the derived UIDs (a rerun passes the job's stored plan);
-    None plans fresh ones. ``progress(fraction, stage)`` gets 0 ≤ fraction ≤ 1 for the whole run.
-    Raises :class:`VolumeError` for unusable input.
+    ``ct_paths`` (or None) is the CT of the same study; it is loaded only when the enhancer uses a CT,
+    and used only when it covers the patient (module doc). When it is absent or not usable, an
+    ``enhancer`` that needs a CT is replaced by ``without_ct`` (the PET-only model), and the reason —
+    ``no_ct_reason`` when the caller had no CT to give, else the coverage rule's — is recorded as the
+    result's ``ct_note`` and in the derived series. ``plan`` fixes the derived UIDs (a rerun passes the
+    job's stored plan); None plans fresh ones. ``progress(fraction, stage)`` gets 0 ≤ fraction ≤ 1 for
+    the whole run. Raises :class:`VolumeError` for unusable input.
     """
     seconds: dict[str, float] = {}
     notes: list[str] = []
@@ -134,24 +164,25 @@ def enhance_series(
     _reporter(progress, "load")(0.0, "load")
     pet = load_series(pet_paths)
     check_pet_series(pet)
-    info = enhancer.info
-    ct = None
-    if ct_paths and info.uses_ct:
-        ct = _load_ct(ct_paths, pet)
+    ct, ct_note = None, None
+    if enhancer.info.uses_ct:
+        if ct_paths:
+            ct, why_no_ct = _usable_ct(ct_paths, pet)
+        else:
+            why_no_ct = no_ct_reason or "no CT of the study was given"
+        if ct is None:
+            enhancer, ct_note = _choose_model(enhancer, without_ct, why_no_ct)
+            log.warning("enhancing without the CT", extra={"fields": {"pet_series_uid": pet.series_uid,
+                                                                      "reason": ct_note}})
     elif ct_paths:
-        notes.append(f"{info.name} does not use a CT; the CT was not loaded")
-    if info.requires_ct and ct is None:
-        raise VolumeError(f"{info.name} needs a CT and none is available for this PET series")
+        notes.append(f"{enhancer.info.name} does not use a CT; the CT was not loaded")
+    info = enhancer.info
     seconds["load"] = time.perf_counter() - started
 
     ct_on_pet = None
     if ct is not None:
         started = time.perf_counter()
         _reporter(progress, "resample")(0.0, "resample")
-        coverage = coverage_fraction(ct.image, pet.image)
-        if coverage < MIN_CT_COVERAGE:
-            raise VolumeError(f"the CT covers {coverage:.0%} of the PET volume, at least "
-                              f"{MIN_CT_COVERAGE:.0%} is needed")
         ct_on_pet = resample_onto(ct.image, pet.image, default_value=CT_OUTSIDE_HU)
         seconds["resample"] = time.perf_counter() - started
 
@@ -167,12 +198,13 @@ def enhance_series(
 
     started = time.perf_counter()
     _reporter(progress, "write")(0.0, "write")
-    paths = write_derived_series(pet.datasets, enhanced, plan, info=info, output=output, out_dir=out_dir)
+    paths = write_derived_series(pet.datasets, enhanced, plan, info=info, output=output, out_dir=out_dir,
+                                 note=ct_note)
     seconds["write"] = time.perf_counter() - started
     _reporter(progress, "write")(1.0, "done")
     fields = {"pet_series_uid": pet.series_uid, "derived_series_uid": plan.series_uid,
-              "instances": len(paths), "ct_used": ct is not None,
-              **{f"{k}_s": f"{v:.3f}" for k, v in seconds.items()}}
+              "instances": len(paths), "ct_used": ct is not None, "model": info.name,
+              "model_version": info.version, **{f"{k}_s": f"{v:.3f}" for k, v in seconds.items()}}
     log.info("series enhanced", extra={"fields": fields})
-    return EnhanceResult(paths=paths, plan=plan, seconds_by_stage=seconds, ct_used=ct is not None,
-                         notes=notes, enhance_seconds=enhance_seconds)
+    return EnhanceResult(paths=paths, plan=plan, seconds_by_stage=seconds, info=info, ct_used=ct is not None,
+                         ct_note=ct_note, notes=notes, enhance_seconds=enhance_seconds)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dicomnode import metrics, sdnotify
 from dicomnode.assembler import Assembler, CtPolicy
 from dicomnode.audit import AuditLog
-from dicomnode.config import Settings
+from dicomnode.config import Settings, resolve_checkpoint
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.derived import is_derived_by_us
 from dicomnode.health import NodeMonitor, scp_alive
@@ -32,7 +32,7 @@ from dicomnode.sender import Sender
 from dicomnode.store import InstanceStore
 from dicomnode.tls import TlsError
 from dicomnode.web import load_auth, serve_status_page
-from dicomnode.worker import Enhancers, Worker
+from dicomnode.worker import Enhancers, Worker, model_used
 
 __all__ = ["run_node", "Intervals"]
 
@@ -71,6 +71,21 @@ def _loop(
     thread = threading.Thread(target=run, name=f"upete-{name}", daemon=True)
     thread.start()
     return thread
+
+
+def _log_models(settings: Settings, enhancers: Enhancers) -> None:
+    """Which checkpoints run (file, name, digest): the first thing to check when a result surprises."""
+    loaded = [("main", settings.model.checkpoint, enhancers.main)]
+    if enhancers.without_ct is not None and settings.model.checkpoint_without_ct is not None:
+        loaded.append(("without_ct", settings.model.checkpoint_without_ct, enhancers.without_ct))
+    for role, spec, enhancer in loaded:
+        used = model_used(spec, enhancer.info)
+        fields = {"role": role, "checkpoint": used.checkpoint, "model": used.name, "version": used.version,
+                  "path": resolve_checkpoint(spec), "uses_ct": enhancer.info.uses_ct}
+        log.info("model loaded", extra={"fields": fields})
+    if enhancers.without_ct is None and enhancers.main.info.requires_ct:
+        log.warning("no PET-only model (model.checkpoint_without_ct): a study without a CT that covers "
+                    "the patient fails", extra={"fields": {}})
 
 
 def run_node(
@@ -121,6 +136,7 @@ def _serve(
         log.error("refusing to start: the model does not load", extra={"fields": {"error": str(exc)}})
         return 2
     metrics.model_loaded(time.perf_counter() - loading)
+    _log_models(settings, enhancers)
     info = enhancers.main.info
     policy = CtPolicy(
         uses_ct=info.uses_ct,
@@ -171,6 +187,7 @@ def _serve(
         tls=settings.access.tls is not None,
         enhancer=info.name,
         enhancer_version=info.version,
+        enhancer_without_ct=enhancers.without_ct.info.version if enhancers.without_ct else "none",
         resumed_jobs=resumed,
         stale_temp_files=stale,
         destinations=len(settings.destinations),

@@ -19,7 +19,7 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
 from dicomnode.db import Database
 from dicomnode.health import read_heartbeat
-from dicomnode.jobs import Job, JobQueue, JobState
+from dicomnode.jobs import Job, JobQueue, JobState, JobVariant
 from dicomnode.preview import PREVIEW_PNG
 
 __all__ = ["collect_status", "render_text", "spool_bytes"]
@@ -82,7 +82,10 @@ def _job_record(job: Job, queue: JobQueue, db: Database, root: Path, now: float,
         "id": job.id,
         "state": job.state.value,
         "reason": job.reason,
-        "variant": job.variant,
+        "variant": job.variant.value,
+        "ct_note": job.ct_note,
+        "model": None if job.model is None else {
+            "checkpoint": job.model.checkpoint, "name": job.model.name, "version": job.model.version},
         "study_uid": job.study_uid,
         "study_time": _study_time(db, root, job.pet_series_uid, cache),
         "pet_series_uid": job.pet_series_uid,
@@ -111,7 +114,7 @@ def collect_status(settings: Settings, db: Database, *, limit: int = 50) -> dict
     """The whole report (the ``--json`` document)."""
     root = settings.storage.root
     now = time.time()
-    queue = JobQueue(db, AuditLog(None))  # reads only: no transition to audit
+    queue = JobQueue(db, AuditLog(None), migrate=False)  # reads only: no transition, no migration
     cache: dict[str, str | None] = {}
     jobs = [_job_record(job, queue, db, root, now, cache) for job in queue.list(limit=limit)]
     counts = {state.value: 0 for state in JobState}
@@ -185,7 +188,13 @@ def render_text(report: dict) -> str:
         lines.append(f"  study           {job['study_time'] or 'date unknown'}  {job['study_uid']}")
         lines.append(f"  PET series      {job['pet_series_uid']}")
         lines.append(f"  CT series       {job['ct_series_uid'] or 'none'}"
-                     + ("  (PET-only model)" if job["variant"] == "without_ct" else ""))
+                     + ("  (PET-only model)" if job["variant"] == JobVariant.WITHOUT_CT.value else ""))
+        if job["ct_note"]:
+            lines.append(f"  CT not used     {job['ct_note']}")
+        if job["model"]:
+            model = job["model"]
+            version = f" (version {model['version']})" if model["version"] else ""
+            lines.append(f"  model           {model['name']}: {model['checkpoint']}{version}")
         if job["derived_series_uid"]:
             count = f"  ({job['output_instances']} instances)" if job["output_instances"] is not None else ""
             lines.append(f"  derived series  {job['derived_series_uid']}{count}")

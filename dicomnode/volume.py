@@ -34,7 +34,6 @@ __all__ = [
     "MAX_EXTENT_MM",
     "SeriesVolume",
     "VolumeError",
-    "coverage_fraction",
     "load_series",
     "read_headers",
     "resample_onto",
@@ -322,20 +321,6 @@ def _check_slice_count(datasets: list[Dataset], count: int) -> None:
         return
     if expected and expected != count:
         raise VolumeError(f"the series has {count} of the {expected} slices its NumberOfSlices announces")
-
-
-def coverage_fraction(image: sitk.Image, reference: sitk.Image) -> float:
-    """Fraction (0–1) of ``reference``'s voxel centres that fall inside ``image``'s voxel extent."""
-    size = np.array(reference.GetSize())
-    # Check a grid of at most ~32³ sample points; exact enough for a coverage rule.
-    axes = [np.linspace(0, n - 1, min(int(n), 32)) for n in size]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    ref_dir = np.array(reference.GetDirection()).reshape(3, 3)
-    points = np.array(reference.GetOrigin()) + (grid * np.array(reference.GetSpacing())) @ ref_dir.T
-    img_dir = np.array(image.GetDirection()).reshape(3, 3)
-    index = ((points - np.array(image.GetOrigin())) @ img_dir) / np.array(image.GetSpacing())
-    inside = np.all((index >= -0.5) & (index <= np.array(image.GetSize()) - 0.5), axis=1)
-    return float(inside.mean())
 
 
 def resample_onto(image: sitk.Image, reference: sitk.Image, *, default_value: float) -> sitk.Image:

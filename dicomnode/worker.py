@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode import metrics
-from dicomnode.config import Settings, resolve_checkpoint
+from dicomnode.config import ModelSettings, Settings, resolve_checkpoint
 from dicomnode.derived import DerivedPlan, plan_derived
-from dicomnode.jobs import Job, JobQueue
+from dicomnode.jobs import Job, JobQueue, JobVariant, ModelUsed
 from dicomnode.pipeline import enhance_series
 from dicomnode.preview import write_job_preview
 from dicomnode.store import InstanceStore, fsync_dir
 from dicomnode.volume import VolumeError, read_headers
-from model.enhance import Enhancer, load_enhancer
+from model.enhance import Enhancer, EnhancerInfo, load_enhancer
 
-__all__ = ["Enhancers", "Worker", "LEASE_S"]
+__all__ = ["Enhancers", "Worker", "LEASE_S", "model_used"]
 
 log = logging.getLogger("upete.worker")
 
@@ -59,14 +59,21 @@ class Enhancers:
             without_ct = load_enhancer(resolve_checkpoint(model.checkpoint_without_ct), options=options)
         return cls(main=main, without_ct=without_ct)
 
-    def for_variant(self, variant: str) -> Enhancer:
-        if variant == "without_ct":
-            if self.without_ct is None:
-                raise VolumeError(
-                    "the job needs the PET-only model, but model.checkpoint_without_ct is not set"
-                )
-            return self.without_ct
-        return self.main
+    def is_pet_only(self, info: EnhancerInfo) -> bool:
+        """Whether ``info`` is the PET-only model's (model.checkpoint_without_ct)."""
+        return self.without_ct is not None and info is self.without_ct.info
+
+    def used(self, info: EnhancerInfo, model: ModelSettings) -> ModelUsed:
+        """What a job records of the enhancer with ``info``: checkpoint file name, name, digest."""
+        pet_only = self.is_pet_only(info) and model.checkpoint_without_ct is not None
+        spec = model.checkpoint_without_ct if pet_only else model.checkpoint
+        return model_used(spec, info)
+
+
+def model_used(spec: str, info: EnhancerInfo) -> ModelUsed:
+    """The checkpoint's file name (a classical spec as it is), the model's name and version (digest)."""
+    checkpoint = spec if spec.startswith("classical:") else Path(spec).name
+    return ModelUsed(checkpoint=checkpoint, name=info.name, version=info.version)
 
 
 class Worker:
@@ -135,7 +142,6 @@ class Worker:
     def _process(self, job: Job) -> None:
         pet_paths, ct_paths = self._inputs(job)
         plan = self._plan(job, pet_paths)
-        enhancer = self.enhancers.for_variant(job.variant)
         out_dir = self.outputs_dir / f"job-{job.id}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # a previous, interrupted run's files
@@ -149,8 +155,11 @@ class Worker:
                 self.jobs.renew(job.id, lease_s=LEASE_S)
                 renewed[0] = time.monotonic()
 
+        # The pipeline decides whether the CT covers the patient and, if not, runs the PET-only model;
+        # a job the assembler made without a CT passes its reason on (job.ct_note).
         result = enhance_series(
-            pet_paths, ct_paths, enhancer, out_dir, output=self.settings.output, plan=plan, progress=progress
+            pet_paths, ct_paths, self.enhancers.main, out_dir, output=self.settings.output, plan=plan,
+            progress=progress, without_ct=self.enhancers.without_ct, no_ct_reason=job.ct_note,
         )
         # The PNG (and, if configured, a Secondary Capture to send along); never fails the job.
         extra = write_job_preview(
@@ -167,6 +176,9 @@ class Worker:
             output_count=len(result.paths) + len(extra),
             stage_seconds={k: round(v, 3) for k, v in result.seconds_by_stage.items()},
             destinations=self.destinations,
+            model=self.enhancers.used(result.info, self.settings.model),
+            ct_note=result.ct_note,
+            variant=JobVariant.WITHOUT_CT if self.enhancers.is_pet_only(result.info) else JobVariant.MAIN,
         )
         log.info(
             "job processed",
@@ -176,6 +188,9 @@ class Worker:
                     "derived_series_uid": plan.series_uid,
                     "instances": len(result.paths),
                     "ct_used": result.ct_used,
+                    "model": result.info.name,
+                    "model_version": result.info.version,
+                    **({"ct_note": result.ct_note} if result.ct_note else {}),
                 }
             },
         )

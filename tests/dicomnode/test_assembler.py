@@ -13,7 +13,7 @@ from dicomnode.assembler import Assembler, CtPolicy, SeriesBox, ct_coverage
 from dicomnode.audit import AuditLog
 from dicomnode.config import AssemblySettings
 from dicomnode.db import DB_FILENAME, Database
-from dicomnode.jobs import JobQueue, JobState
+from dicomnode.jobs import JobQueue, JobState, JobVariant
 from dicomnode.store import InstanceStore
 from dicomnode.validate import InstanceMeta
 
@@ -177,6 +177,24 @@ def test_ct_of_another_frame_of_reference_is_not_paired(node: Node) -> None:
     node.pet("1.2.3.3")
     assert node.assembler.poll() == []
     assert node.state("1.2.3.3")[0] == "waiting_ct"
+    [job_id] = node.assembler.poll(now=later(CT_WAIT + 1))
+    job = node.jobs.get(job_id)
+    assert job.ct_series_uid is None
+    assert job.ct_note == ("the study's CT series 1.2.3.2 has another Frame of Reference "
+                           "(FrameOfReferenceUID) than the PET")
+    assert "another Frame of Reference" in node.audit.path.read_text()
+
+
+def test_a_ct_narrower_than_the_pet_box_is_paired(node: Node) -> None:
+    # A 50 cm CT inside a 70 cm PET field of view: the CT holds a third of the PET's box; whether it
+    # holds the patient is the pipeline's judgement, from the pixels.
+    node.ct("1.2.3.2", rows=24, columns=24, origin_xy=(-34.5, -34.5))
+    time.sleep(0.01)
+    node.pet("1.2.3.3")
+    [job_id] = node.assembler.poll()
+    job = node.jobs.get(job_id)
+    assert (job.ct_series_uid, job.variant, job.ct_note) == ("1.2.3.2", JobVariant.MAIN, None)
+    assert "box_coverage=0.3" in node.audit.path.read_text()
 
 
 def test_a_ct_still_arriving_alongside_the_pet_waits_for_the_quiet_timer(node: Node) -> None:
@@ -195,6 +213,8 @@ def test_a_ct_with_missing_slices_is_not_paired(node: Node) -> None:
     node.pet("1.2.3.3")
     assert node.assembler.poll(now=later(TIMEOUT + 1)) == []
     assert node.state("1.2.3.3")[0] == "waiting_ct"
+    [job_id] = node.assembler.poll(now=later(TIMEOUT + CT_WAIT + 2))
+    assert node.jobs.get(job_id).ct_note == "the study's CT series 1.2.3.2 has missing slices"
 
 
 def test_the_best_covering_ct_is_chosen(node: Node) -> None:
@@ -222,7 +242,9 @@ def test_no_ct_uses_the_pet_only_variant_when_configured(tmp_path: Path) -> None
     node.pet("1.2.3.3")
     node.assembler.poll()
     [job_id] = node.assembler.poll(now=later(CT_WAIT + 1))
-    assert node.jobs.get(job_id).variant == "without_ct"
+    job = node.jobs.get(job_id)
+    assert (job.variant, job.ct_note) == (JobVariant.WITHOUT_CT, "the study has no CT series")
+    assert node.db.query("SELECT variant FROM jobs")[0]["variant"] == "without_ct"  # the same string
 
 
 def test_no_ct_fails_the_job_when_the_model_needs_one(tmp_path: Path) -> None:
@@ -232,7 +254,8 @@ def test_no_ct_fails_the_job_when_the_model_needs_one(tmp_path: Path) -> None:
     node.assembler.poll(now=later(CT_WAIT + 1))
     job = node.job("1.2.3.3")
     assert job.state is JobState.FAILED
-    assert "no CT of the study covered the PET" in job.reason and "checkpoint_without_ct" in job.reason
+    assert job.reason.startswith("the study has no CT series (waited assembly.ct_wait_s = 120 s)")
+    assert "checkpoint_without_ct" in job.reason
 
 
 def test_an_enhancer_that_ignores_ct_does_not_wait(tmp_path: Path) -> None:

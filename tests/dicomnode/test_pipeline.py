@@ -12,10 +12,11 @@ import SimpleITK as sitk
 
 from dicomnode.config import OutputSettings
 from dicomnode.derived import DerivedPlan, plan_derived
-from dicomnode.pipeline import enhance_series
+from dicomnode.pipeline import CT_OUTSIDE_HU, enhance_series
 from dicomnode.testing.scanner import StudyInfo, write_ct_series
 from dicomnode.volume import VolumeError, load_series
 from model.enhance import Enhancer, EnhancerInfo, GaussianEnhancer
+from model.grid import AIR_HU
 from tests.support.dicomutil import (
     CT_SHAPE,
     CT_SPACING,
@@ -109,24 +110,54 @@ def test_stored_plan_is_reused_and_checked(tmp_path: Path) -> None:
 def test_an_enhancer_that_needs_a_ct_fails_without_one(tmp_path: Path) -> None:
     study = make_study(tmp_path / "in")
     recorder = CtRecorder(requires_ct=True)
-    with pytest.raises(VolumeError, match="needs a CT"):
+    with pytest.raises(VolumeError, match="needs a CT and none is usable .no CT of the study was given"):
         enhance_series(study.pet_paths, None, recorder, tmp_path / "out", output=OUTPUT)
     assert recorder.calls == 0
+    result = enhance_series(study.pet_paths, None, recorder, tmp_path / "out", output=OUTPUT,
+                            without_ct=GaussianEnhancer(), no_ct_reason="the study has no CT series")
+    assert result.ct_note == "PET-only model: the study has no CT series" and recorder.calls == 0
 
 
-def test_ct_of_another_frame_of_reference_or_too_small_is_refused(tmp_path: Path) -> None:
+def test_a_ct_narrower_than_the_pet_box_but_around_the_body_is_used(tmp_path: Path) -> None:
+    # PET 128 mm across, CT 120 mm: the CT holds 88 % of the PET's box (refused by a box rule) and the
+    # whole 110 mm body. Outside the CT's field of view the model sees air, as in training.
+    study = make_study(tmp_path / "in", ct_shape=(30, 40, 40), ct_centre=(0.0, 0.0, 0.0))
+    recorder = CtRecorder(requires_ct=True)
+    result = enhance_series(study.pet_paths, study.ct_paths, recorder, tmp_path / "out", output=OUTPUT,
+                            without_ct=GaussianEnhancer())
+    assert result.ct_used and result.ct_note is None and result.info is recorder.info
+    assert recorder.ct is not None and recorder.ct[:, 0, 0].tolist() == [CT_OUTSIDE_HU] * PET_SHAPE[0]
+    assert CT_OUTSIDE_HU == AIR_HU
+    ds = pydicom.dcmread(result.paths[0], stop_before_pixels=True)
+    assert "PET-only" not in ds.DerivationDescription
+
+
+def test_a_ct_that_misses_part_of_the_patient_runs_the_pet_only_model(tmp_path: Path) -> None:
     study = make_study(tmp_path / "in")
     other_frame = StudyInfo(study_uid=study.study.study_uid)  # same study, new frame of reference
     ct = phantom_hu(*patient_points(CT_SHAPE, CT_SPACING, origin_for(CT_SHAPE, CT_SPACING)))
     ct_paths = write_ct_series(tmp_path / "ct_for", ct, spacing_mm=CT_SPACING,
                                origin_mm=origin_for(CT_SHAPE, CT_SPACING), study=other_frame)
-    with pytest.raises(VolumeError, match="Frames of Reference"):
-        enhance_series(study.pet_paths, ct_paths, CtRecorder(), tmp_path / "out", output=OUTPUT)
-    short = (8, 48, 48)  # 24 mm of CT for 72 mm of PET
+    recorder = CtRecorder(requires_ct=True)
+    result = enhance_series(study.pet_paths, ct_paths, recorder, tmp_path / "for", output=OUTPUT,
+                            without_ct=GaussianEnhancer())
+    assert recorder.calls == 0 and not result.ct_used and result.info.name == "Gaussian filter"
+    assert result.ct_note.startswith("PET-only model: the CT has another Frame of Reference")
+    ds = pydicom.dcmread(result.paths[0], stop_before_pixels=True)
+    assert ds.DerivationDescription.startswith(result.ct_note)
+    assert ds.SeriesDescription.endswith(" Gaussian")
+    assert dciodvfy_errors(result.paths[0]) == []
+
+    short = (8, 48, 48)  # 24 mm of CT for the 72 mm of body the PET shows: cut axially
     ct_paths = write_ct_series(tmp_path / "ct_short", np.zeros(short), spacing_mm=CT_SPACING,
                                origin_mm=origin_for(short, CT_SPACING), study=study.study)
-    with pytest.raises(VolumeError, match="covers"):
-        enhance_series(study.pet_paths, ct_paths, CtRecorder(), tmp_path / "out", output=OUTPUT)
+    result = enhance_series(study.pet_paths, ct_paths, recorder, tmp_path / "short", output=OUTPUT,
+                            without_ct=GaussianEnhancer())
+    assert recorder.calls == 0 and not result.ct_used
+    assert result.ct_note.startswith("PET-only model: the CT's axial range holds 3")
+    with pytest.raises(VolumeError, match="needs a CT and none is usable .the CT's axial range.*"
+                                          "checkpoint_without_ct is not set"):
+        enhance_series(study.pet_paths, ct_paths, recorder, tmp_path / "none", output=OUTPUT)
 
 
 def test_pet_selection_rules(tmp_path: Path) -> None:

@@ -98,26 +98,39 @@ class SyntheticStudy:
 
 def make_study(tmp: Path, *, noise_seed: int | None = 0, shuffle_seed: int | None = 1, with_nac: bool = False,
                transfer_syntax: str | None = None, scanner_sins: bool = False,
-               study: StudyInfo | None = None) -> SyntheticStudy:
-    """Write a small PET/CT study (and optionally an NAC PET series) under ``tmp``; see the module doc."""
+               study: StudyInfo | None = None, pet_shape: tuple[int, int, int] = PET_SHAPE,
+               pet_spacing: tuple[float, float, float] = PET_SPACING,
+               ct_shape: tuple[int, int, int] = CT_SHAPE, ct_spacing: tuple[float, float, float] = CT_SPACING,
+               ct_centre: tuple[float, float, float] = (1.5, -2.0, 4.0), body_scale: float = 1.0,
+               ) -> SyntheticStudy:
+    """Write a small PET/CT study (and optionally an NAC PET series) under ``tmp``; see the module doc.
+
+    The grids (``pet_shape``/``pet_spacing``, ``ct_shape``/``ct_spacing`` with the CT centred on
+    ``ct_centre`` (x, y, z) mm) and the phantom's size (``body_scale`` × the 110 × 80 mm body, lungs
+    and lesion with it) can be changed, e.g. to give a wide PET field of view a 50 cm CT.
+    """
     study = study or StudyInfo()
     kwargs = {"transfer_syntax": transfer_syntax} if transfer_syntax else {}
-    pet_origin = origin_for(PET_SHAPE, PET_SPACING)
-    pet = phantom_activity(*patient_points(PET_SHAPE, PET_SPACING, pet_origin))
+
+    def scaled(points: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(axis / body_scale for axis in points)
+
+    pet_origin = origin_for(pet_shape, pet_spacing)
+    pet = phantom_activity(*scaled(patient_points(pet_shape, pet_spacing, pet_origin)))
     if noise_seed is not None:
         # Multiplicative gamma noise keeps activity non-negative, like reconstructed low-dose PET.
         rng = np.random.default_rng(noise_seed)
         pet = (pet * rng.gamma(8.0, 1 / 8.0, pet.shape)).astype(np.float32)
-    ct_origin = origin_for(CT_SHAPE, CT_SPACING, centre=(1.5, -2.0, 4.0))
-    ct = phantom_hu(*patient_points(CT_SHAPE, CT_SPACING, ct_origin))
-    pet_paths = write_pet_series(tmp / "pet", pet, spacing_mm=PET_SPACING, origin_mm=pet_origin,
+    ct_origin = origin_for(ct_shape, ct_spacing, centre=ct_centre)
+    ct = phantom_hu(*scaled(patient_points(ct_shape, ct_spacing, ct_origin)))
+    pet_paths = write_pet_series(tmp / "pet", pet, spacing_mm=pet_spacing, origin_mm=pet_origin,
                                  study=study, series_number=3, shuffle_seed=shuffle_seed,
                                  scanner_sins=scanner_sins, **kwargs)
-    ct_paths = write_ct_series(tmp / "ct", ct, spacing_mm=CT_SPACING, origin_mm=ct_origin, study=study,
+    ct_paths = write_ct_series(tmp / "ct", ct, spacing_mm=ct_spacing, origin_mm=ct_origin, study=study,
                                series_number=2, shuffle_seed=shuffle_seed, **kwargs)
     nac_paths: list[Path] = []
     if with_nac:
-        nac_paths = write_pet_series(tmp / "nac", pet * 0.3, spacing_mm=PET_SPACING, origin_mm=pet_origin,
+        nac_paths = write_pet_series(tmp / "nac", pet * 0.3, spacing_mm=pet_spacing, origin_mm=pet_origin,
                                      study=study, series_number=4, series_description="PET NAC",
                                      attenuation_corrected=False, shuffle_seed=shuffle_seed, **kwargs)
     return SyntheticStudy(study, tmp / "pet", tmp / "ct", pet_paths, ct_paths, nac_paths, pet, ct,

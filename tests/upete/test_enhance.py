@@ -115,3 +115,33 @@ def test_enhance_runs_as_a_program(tmp_path: Path) -> None:
     # no patient identifiers in what the command prints or logs
     for secret in (study.study.patient_name, study.study.patient_id, study.study.birth_date):
         assert secret not in proc.stdout + proc.stderr
+
+
+def test_a_ct_around_the_body_is_used_and_one_that_misses_part_of_it_is_not(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.support.model_toys import tiny_checkpoint
+
+    main_model = tiny_checkpoint(tmp_path / "models", "ldm-p-ct")
+    pet_only = tiny_checkpoint(tmp_path / "models", "ldm-p")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model: {{checkpoint: '{main_model}', checkpoint_without_ct: '{pet_only}', "
+                      "device: cpu, steps: 1}\n")
+    # PET 128 mm across, CT 120 mm across around the 110 mm body: 88 % of the PET's box, all the body.
+    study = make_study(tmp_path / "in", ct_shape=(30, 40, 40), ct_centre=(0.0, 0.0, 0.0))
+    arguments = ["enhance", "--pet", str(study.pet_dir), "--config", str(config), "--device", "cpu"]
+    assert main([*arguments, "--ct", str(study.ct_dir), "--out", str(tmp_path / "with")]) == 0
+    printed = capsys.readouterr().out
+    assert "with a CT of 30 slice(s)" in printed and "CT not used" not in printed
+    assert "enhancer: uPETe LDM-P-CT" in printed
+    ds = pydicom.dcmread(next((tmp_path / "with").glob("*.dcm")), stop_before_pixels=True)
+    assert ds.SeriesDescription.endswith(" uPETe") and "PET-only model" not in ds.DerivationDescription
+
+    # A CT of 10 slices (30 mm) for 72 mm of body: the PET-only model runs, and says why.
+    short = make_study(tmp_path / "short", ct_shape=(10, 48, 48), ct_centre=(0.0, 0.0, 0.0),
+                       study=study.study)
+    assert main([*arguments, "--ct", str(short.ct_dir), "--out", str(tmp_path / "without")]) == 0
+    printed = capsys.readouterr().out
+    assert "enhancer: uPETe LDM-P," in printed
+    assert "CT not used: PET-only model: the CT's axial range holds 4" in printed
+    ds = pydicom.dcmread(next((tmp_path / "without").glob("*.dcm")), stop_before_pixels=True)
+    assert ds.DerivationDescription.startswith("PET-only model: the CT's axial range holds 4")

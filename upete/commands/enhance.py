@@ -16,8 +16,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Read one PET series (--pet) and its CT (--ct) from folders, searched recursively "
         "(non-DICOM files are ignored; a folder must hold exactly one series of that modality), enhance "
         "the PET with the model of the config and write the derived PET series into --out, exactly as "
-        "the node sends it. Exit status 0 on success, 1 when the input cannot be enhanced, 2 on usage "
-        "or config errors.",
+        "the node sends it. The CT is used when it covers the patient's body (a CT narrower than the "
+        "PET's field of view is fine); when it misses part of the patient, the PET-only model runs and "
+        "says why. Exit status 0 on success, 1 when the input cannot be enhanced, 2 on usage or config "
+        "errors.",
     )
     parser.add_argument("--pet", metavar="DIR", required=True, help="folder holding the PET series")
     parser.add_argument("--ct", metavar="DIR", help="folder holding the CT series of the same study")
@@ -63,26 +65,32 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         enhancer = load(spec)
-        if ct_paths is None and enhancer.info.requires_ct:
-            if model.checkpoint_without_ct is None:
-                return fail(f"{enhancer.info.name} needs a CT and model.checkpoint_without_ct is not set; "
-                              "give --ct DIR", 2)
+        without_ct = None
+        # The PET-only model stands by whenever the main one needs a CT: the CT given may turn out not
+        # to cover the patient (known only once its pixels are read).
+        if enhancer.info.requires_ct and model.checkpoint_without_ct is not None:
             spec = model.checkpoint_without_ct
-            enhancer = load(spec)
+            without_ct = load(spec)
     except (FileNotFoundError, ValueError, NotImplementedError) as exc:
         return fail(f"cannot load the model {spec!r}: {exc}", 2)
+    if ct_paths is None and enhancer.info.requires_ct and without_ct is None:
+        return fail(f"{enhancer.info.name} needs a CT and model.checkpoint_without_ct is not set; "
+                    "give --ct DIR", 2)
 
     try:
-        result = enhance_series(pet_paths, ct_paths, enhancer, args.out, output=settings.output)
+        result = enhance_series(pet_paths, ct_paths, enhancer, args.out, output=settings.output,
+                                without_ct=without_ct, no_ct_reason="--no-ct was given")
     except VolumeError as exc:
         return fail(f"cannot enhance this series: {exc}", 1)
 
-    info = enhancer.info
+    info = result.info
     print(f"wrote {len(result.paths)} file(s) to {args.out}")
     with_ct = f" with a CT of {len(ct_paths)} slice(s)" if result.ct_used and ct_paths else ""
     print(f"derived series {result.plan.series_uid} (SeriesNumber {result.plan.series_number}) from "
           f"{len(pet_paths)} PET slice(s){with_ct}")
     print(f"enhancer: {info.name}, version {info.version}, device {device}")
+    if result.ct_note:
+        print(f"CT not used: {result.ct_note}")
     for note in result.notes:
         print(f"note: {note}")
     total = sum(result.seconds_by_stage.values())
