@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
 
-from tests.support.nodeutil import NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
+from dicomnode.testing.peers import NodeProcess, StoreSCP, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("quiet", "queue", "enhance", "send", "arrival")

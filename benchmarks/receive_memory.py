@@ -19,54 +19,16 @@ import datetime
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-from pydicom import dcmread  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-
-from dicomnode.testing.scanner import StudyInfo, write_ct_series  # noqa: E402
+from dicomnode.testing.load import ct_slices, measure  # noqa: E402
 from model.evaluation.machine import machine_description  # noqa: E402
-from tests.support.nodeutil import NodeProcess, db_rows, free_port, storescu, write_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "receive_memory.md"
-
-# Run in the node process before the CLI: the receive path as it was before chunked receive.
-IN_MEMORY = """
-import dicomnode.scp, dicomnode.service
-_start = dicomnode.scp.start_server
-def _in_memory(ctx):
-    server = _start(ctx)
-    dicomnode.scp.pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
-    return server
-dicomnode.scp.start_server = dicomnode.service.start_server = _in_memory
-"""
-
-
-def ct_slices(directory: Path, count: int, *, size: int = 512) -> list[Path]:
-    """``count`` slices of one synthetic CT series (one template written by dicomnode.testing.scanner)."""
-    rng = np.random.default_rng(0)
-    hu = rng.normal(0, 30, (1, size, size)).astype(np.float32)
-    [template_path] = write_ct_series(
-        directory / "template", hu, spacing_mm=(1.0, 0.8, 0.8), study=StudyInfo()
-    )
-    template = dcmread(template_path)
-    template.SeriesInstanceUID = generate_uid()
-    paths = []
-    for k in range(count):
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        template.InstanceNumber = k + 1
-        template.ImagePositionPatient = [-204.8, -204.8, float(k)]
-        path = directory / f"ct{k:05d}.dcm"
-        template.save_as(path)
-        paths.append(path)
-    return paths
-
 
 READING = [
     "Reading: what matters is that the peak does not grow with the series — no instance outlives its",
@@ -76,49 +38,6 @@ READING = [
     "scales with instance size × concurrent associations), the chunked path holds the header only.",
     "Instances/s on this shared 2-CPU machine vary with its load more than between the modes.",
 ]
-
-
-def _status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in kB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
-def measure(count: int, files: list[Path], mode: str, work: Path) -> dict[str, float]:
-    directory = work / f"{mode}-{count}"
-    directory.mkdir()
-    config = write_config(directory, port=free_port(), series_timeout_s=600)
-    node = NodeProcess(config, preamble=IN_MEMORY if mode == "in-memory" else None).start()
-    try:
-        pid = node.process.pid
-        time.sleep(1.0)  # let start-up settle
-        before = _status(pid)["VmRSS"]
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        started = time.perf_counter()
-        result = storescu(files, node.port, timeout=1800)
-        seconds = time.perf_counter() - started
-        after = _status(pid)
-        if result.returncode != 0:
-            raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
-        stored = db_rows(node.db_path, "SELECT COUNT(*) AS n FROM instances")[0]["n"]
-        if stored != count:
-            raise RuntimeError(f"{stored} of {count} instances stored")
-    finally:
-        node.stop(timeout=60)
-    return {
-        "mode": mode,
-        "slices": count,
-        "mb_sent": sum(p.stat().st_size for p in files) / 2**20,
-        "seconds": seconds,
-        "per_s": count / seconds,
-        "rss_before_mb": before / 1024,
-        "peak_mb": after["VmHWM"] / 1024,
-        "rss_after_mb": after["VmRSS"] / 1024,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT
-from tests.support.dicomutil import make_study
-from tests.support.nodeutil import (
+from dicomnode.testing.peers import (
+    ROOT,
     NodeProcess,
     StoreSCP,
     free_port,
@@ -29,6 +28,7 @@ from tests.support.nodeutil import (
     wait_for,
     write_config,
 )
+from tests.support.dicomutil import make_study
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

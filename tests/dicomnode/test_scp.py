@@ -31,8 +31,8 @@ from dicomnode.config import AccessSettings, CallerSettings, parse_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.scp import ScpContext, accepted_transfer_syntaxes, check_caller, start_server
 from dicomnode.store import InstanceStore
+from dicomnode.testing.peers import free_port, wait_for
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from tests.support.nodeutil import free_port, wait_for
 
 PET = PositronEmissionTomographyImageStorage
 

@@ -22,8 +22,8 @@ from dicomnode.config import DestinationSettings, load_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.jobs import JobQueue, JobState
 from dicomnode.sender import Sender, _keep_stolen_responses, send_files
+from dicomnode.testing.peers import StoreSCP, free_port, wait_for, write_config
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from tests.support.nodeutil import StoreSCP, free_port, wait_for, write_config
 from upete.cli import main
 
 

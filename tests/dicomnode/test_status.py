@@ -20,7 +20,7 @@ from dicomnode.config import parse_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.health import HEARTBEAT_FILENAME, STALE_AFTER_S, NodeMonitor, read_heartbeat
 from dicomnode.jobs import JobQueue
-from tests.conftest import ROOT
+from dicomnode.testing.peers import ROOT
 from tests.support.dicomutil import make_study
 from upete.cli import main
 

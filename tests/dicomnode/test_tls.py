@@ -29,10 +29,8 @@ from dicomnode.db import DB_FILENAME, Database
 from dicomnode.scp import ScpContext, start_server
 from dicomnode.sender import send_files
 from dicomnode.store import InstanceStore
-from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from dicomnode.tls import TlsError, server_context
-from tests.conftest import ROOT, require_tool
-from tests.support.nodeutil import (
+from dicomnode.testing.peers import (
+    ROOT,
     NodeProcess,
     db_rows,
     echoscu,
@@ -42,6 +40,9 @@ from tests.support.nodeutil import (
     wait_for,
     write_config,
 )
+from dicomnode.testing.scanner import StudyInfo, write_pet_series
+from dicomnode.tls import TlsError, server_context
+from tests.conftest import require_tool
 
 _DAYS = "2"
 

@@ -26,8 +26,8 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dsutils import encode
 
+from dicomnode.testing.peers import NodeProcess, echoscu, free_port, write_config
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from tests.support.nodeutil import NodeProcess, echoscu, free_port, write_config
 
 pytestmark = pytest.mark.network
 

@@ -13,8 +13,7 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage
 from pynetdicom import AE, evt
 
-from tests.support.dicomutil import make_study
-from tests.support.nodeutil import (
+from dicomnode.testing.peers import (
     NodeProcess,
     StoreSCP,
     db_rows,
@@ -24,6 +23,7 @@ from tests.support.nodeutil import (
     wait_for,
     write_config,
 )
+from tests.support.dicomutil import make_study
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -34,10 +34,8 @@ from dicomnode.config import parse_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.scp import ScpContext, start_server
 from dicomnode.store import InstanceStore
-from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from tests.conftest import ROOT
-from tests.support.dicomutil import make_study
-from tests.support.nodeutil import (
+from dicomnode.testing.peers import (
+    ROOT,
     NodeProcess,
     StoreSCP,
     db_rows,
@@ -48,6 +46,8 @@ from tests.support.nodeutil import (
     wait_for,
     write_config,
 )
+from dicomnode.testing.scanner import StudyInfo, write_pet_series
+from tests.support.dicomutil import make_study
 
 PET = PositronEmissionTomographyImageStorage
 

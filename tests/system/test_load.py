@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import make_studies, run_load
+from dicomnode.testing.load import make_studies, run_load
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

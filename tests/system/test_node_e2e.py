@@ -18,9 +18,17 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import ROOT
+from dicomnode.testing.peers import (
+    ROOT,
+    NodeProcess,
+    StoreSCP,
+    db_rows,
+    free_port,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.support.dicomutil import dciodvfy_errors, make_study
-from tests.support.nodeutil import NodeProcess, StoreSCP, db_rows, free_port, storescu, wait_for, write_config
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

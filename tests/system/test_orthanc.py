@@ -20,9 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from dicomnode.testing.peers import (
+    ROOT,
+    NodeProcess,
+    db_rows,
+    free_port,
+    peer_env,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.support.dicomutil import make_study
-from tests.support.nodeutil import NodeProcess, db_rows, free_port, peer_env, storescu, wait_for, write_config
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

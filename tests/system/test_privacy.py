@@ -15,9 +15,17 @@ import yaml
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dicomnode.testing.peers import (
+    NodeProcess,
+    StoreSCP,
+    db_rows,
+    free_port,
+    storescu,
+    wait_for,
+    write_config,
+)
 from dicomnode.testing.scanner import StudyInfo
 from tests.support.dicomutil import make_study
-from tests.support.nodeutil import NodeProcess, StoreSCP, db_rows, free_port, storescu, wait_for, write_config
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.receive_memory import ct_slices, measure
+from dicomnode.testing.load import ct_slices, measure
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -18,8 +18,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode import sdnotify
-from tests.conftest import ROOT
-from tests.support.nodeutil import SCANNER_AE, free_port, peer_env, write_config
+from dicomnode.testing.peers import ROOT, SCANNER_AE, free_port, peer_env, write_config
 
 
 def _datagram_socket(address: str) -> socket.socket:

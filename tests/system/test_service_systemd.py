@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, VENV_BIN
+from dicomnode.testing.peers import ROOT, VENV_BIN
 
 UNIT = ROOT / "systemd" / "upete.service"
 GPU_DROP_IN = ROOT / "systemd" / "upete-gpu.conf"

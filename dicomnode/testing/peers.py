@@ -1,21 +1,24 @@
-"""Helpers for tests that run the node against real peers on loopback.
+"""Peers for tests and benchmarks that run the node on loopback: DCMTK tools, ``upete serve``, the database.
 
 - :func:`free_port`, :func:`wait_for`;
-- :func:`write_config`: a node config for a test (short timers, its own spool and audit file);
+- :func:`write_config`: a node config for a test or benchmark (short timers, its own spool and audit file);
 - :class:`NodeProcess`: ``upete serve`` as a subprocess (output to a file, never a pipe that could
   fill), started until it answers C-ECHO, stopped with SIGTERM or killed with SIGKILL;
 - :class:`StoreSCP`: DCMTK ``storescp`` playing the PACS;
 - :func:`storescu` / :func:`echoscu`: DCMTK's SCUs (always by full path: the venv has pynetdicom's
   apps of the same names);
-- :func:`db_rows`: read the node database (as ``upete status`` does) from the test process.
+- :func:`db_rows`, :func:`job_states`: read the node database (as ``upete status`` does);
+- :func:`require_tool`: a peer tool's path, or :class:`ToolMissing` (the tests turn it into a skip).
 
 Every process gets ``TCP_NODELAY=1`` (DCMTK leaves Nagle on, ~40 ms per instance) and is stopped by
-the helper that started it, also when a test fails.
+the helper that started it, also when a test fails. :data:`ROOT` is the source checkout these helpers
+run from (``upete serve`` starts there); none of this is used by the running node.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -30,7 +33,29 @@ import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from tests.conftest import ROOT, require_tool
+__all__ = [
+    "NODE_AE", "PACS_AE", "ROOT", "SCANNER_AE", "VENV_BIN", "NodeProcess", "StoreSCP", "ToolMissing",
+    "db_rows", "echoscu", "free_port", "job_states", "peer_env", "require_tool", "storescu", "wait_for",
+    "write_config",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+class ToolMissing(RuntimeError):
+    """A peer tool (DCMTK, dicom3tools) is not installed; the message says how to install it."""
+
+
+def require_tool(path: str) -> str:
+    """The absolute path of a peer tool (a path, or a name looked up on PATH); raises :class:`ToolMissing`."""
+    if os.path.isabs(path) and os.access(path, os.X_OK):
+        return path
+    found = shutil.which(path)
+    if found:
+        return found
+    raise ToolMissing(f"{path} is missing: run `make test` (installs DCMTK, Orthanc and dicom3tools)")
+
 
 T = TypeVar("T")
 
