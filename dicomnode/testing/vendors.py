@@ -5,16 +5,18 @@ what their scanners write, and each vendor has habits, taken here from public co
 and the vendor branches of open SUV calculators (QIBA's vendor-neutral pseudo-code, dcm2niix,
 OHIF's SUV code):
 
-* Siemens (Biograph): private group 0071 of "SIEMENS MED PT" (decay correction date/time at
+* Siemens (Biograph): a whole-body scan of several bed positions, each slice's AcquisitionTime its
+  bed's start; private group 0071 of "SIEMENS MED PT" (decay correction date/time at
   (0071,1022)); InstanceNumber 1 at the head end (positions descend as the number rises); no
   BodyPartExamined, Laterality or CollimatorType; DecayCorrection START, or ADMIN from some
   reconstructions; CT as unsigned 12-bit pixels with RescaleIntercept −1024.
-* GE (Discovery): signed 16-bit PET pixels (PixelRepresentation 1) with a RescaleSlope per slice;
-  private group 0009 of "GEMS_PETD_01" ((0009,100D) scan date/time, (0009,103B) administration
-  date/time, (0009,1036) tracer, (0009,103F) half life); a series reconstructed after the scan has
-  a SeriesTime later than its AcquisitionTime (the values stay decay corrected to (0009,100D));
-  SeriesType STATIC with NumberOfTimeSlices 1; descending InstanceNumber; DecayCorrection START or
-  NONE; CT as signed 16-bit pixels with RescaleIntercept −1024.
+* GE (Discovery): bed positions as Siemens; signed 16-bit PET pixels (PixelRepresentation 1) with
+  a RescaleSlope per slice; private group 0009 of "GEMS_PETD_01" ((0009,100D) scan date/time,
+  (0009,103B) administration date/time, (0009,1036) tracer, (0009,103F) half life); a series
+  reconstructed after the scan has a SeriesTime later than its AcquisitionTime (the values stay
+  decay corrected to (0009,100D)); SeriesType STATIC with NumberOfTimeSlices 1; descending
+  InstanceNumber; DecayCorrection START or NONE; CT as signed 16-bit pixels with RescaleIntercept
+  −1024.
 * Philips (Vereos): Units CNTS, Bq/ml = counts × the private Activity Concentration Scale Factor
   (7053,1009) and SUVbw = counts × the SUV Scale Factor (7053,1000) of "Philips PET Private Group";
   PatientPosition instead of the orientation code sequences.
@@ -78,6 +80,7 @@ class VendorStyle:
     pet_edit: Callable[[Dataset], None] | None = None
     ct_edit: Callable[[Dataset], None] | None = None
     activity_factor: bool = True  # Philips: writes (7053,1009) beside (7053,1000)
+    bed_slices: int = 0  # a whole-body scan of bed positions this many slices long (0: one bed)
     suv_error: float = 0.0
 
 
@@ -144,11 +147,11 @@ def _no_body_part(ds: Dataset) -> None:
     _drop(ds, "BodyPartExamined")
 
 
-_SIEMENS_STYLE = VendorStyle("siemens", "SIEMENS", "Biograph Vision 600", descending=True,
+_SIEMENS_STYLE = VendorStyle("siemens", "SIEMENS", "Biograph Vision 600", descending=True, bed_slices=5,
                              pet_edit=_siemens_pet, ct_edit=_siemens_ct)
 _GE_STYLE = VendorStyle("ge", "GE MEDICAL SYSTEMS", "Discovery MI", descending=True, signed_pet=True,
-                        reconstructed_after_s=2700.0, ct_signed=True, ct_bits=16, pet_edit=_ge_pet,
-                        ct_edit=_ge_ct)
+                        reconstructed_after_s=2700.0, ct_signed=True, ct_bits=16, bed_slices=5,
+                        pet_edit=_ge_pet, ct_edit=_ge_ct)
 _PHILIPS_STYLE = VendorStyle("philips", "Philips Medical Systems", "Vereos PET/CT", units="CNTS",
                              pet_edit=_philips_pet, ct_edit=_no_body_part)
 
@@ -190,44 +193,54 @@ def _suv_per_bqml(study: StudyInfo) -> float:
     return study.weight_kg * 1000.0 / decayed
 
 
-def _stored_scale(style: VendorStyle, study: StudyInfo) -> tuple[float, float]:
-    """The stored value of 1 Bq/ml at the scan start, and the DecayFactor to write, for the style's
-    decay correction and units (one static frame of ``_FRAME_S``)."""
+def _bed_start_s(style: VendorStyle, n_slices: int) -> np.ndarray:
+    """Seconds from the scan start to the start of each slice's bed position (one frame per bed)."""
+    beds = np.arange(n_slices) // style.bed_slices if style.bed_slices else np.zeros(n_slices)
+    return beds * _FRAME_S
+
+
+def _stored_scale(style: VendorStyle, study: StudyInfo, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice, the stored value of 1 Bq/ml at the scan start and the DecayFactor to write, for the
+    style's decay correction, units and bed positions (each a static frame of ``_FRAME_S``)."""
     lam = math.log(2) / study.half_life_s
     frame = lam * _FRAME_S / -math.expm1(-lam * _FRAME_S)  # frame mean → frame start
-    scale, decay_factor = 1.0, frame
+    to_start = frame * np.exp(lam * _bed_start_s(style, n_slices))  # measured → scan start
+    scale, decay_factor = np.ones(n_slices), to_start
     if style.decay_correction == "ADMIN":  # referred to the injection: more activity than at the scan
-        scale = math.exp(lam * _uptake_s(study))
-        decay_factor = frame * scale
-    elif style.decay_correction == "NONE":  # the frame's mean, as measured
-        scale, decay_factor = 1.0 / frame, 1.0
+        scale = np.full(n_slices, math.exp(lam * _uptake_s(study)))
+        decay_factor = to_start * scale
+    elif style.decay_correction == "NONE":  # each bed's frame mean, as measured
+        scale, decay_factor = 1.0 / to_start, np.ones(n_slices)
     if style.units == "CNTS":
-        scale /= _PHILIPS_BQML_PER_COUNT
+        scale = scale / _PHILIPS_BQML_PER_COUNT
     return scale, decay_factor
 
 
-def _pet_edit(style: VendorStyle, study: StudyInfo, n_slices: int, decay_factor: float,
-              suv_per_stored: float) -> Callable[[Dataset, int], None]:
-    series = (_moment(study.study_date, study.acquisition_time)
-              + timedelta(seconds=style.reconstructed_after_s))
+def _pet_edit(style: VendorStyle, study: StudyInfo, decay_factor: np.ndarray,
+              suv_per_stored: np.ndarray) -> Callable[[Dataset, int], None]:
+    scan = _moment(study.study_date, study.acquisition_time)
+    series = scan + timedelta(seconds=style.reconstructed_after_s)
+    bed_start = _bed_start_s(style, len(decay_factor))
 
     def edit(ds: Dataset, k: int) -> None:
+        if style.pet_edit is not None:  # first: it sees the scan start as AcquisitionTime
+            style.pet_edit(ds)
         ds.Manufacturer, ds.ManufacturerModelName = style.manufacturer, style.model
         ds.Units = style.units
         ds.DecayCorrection = style.decay_correction
-        ds.DecayFactor = format_number_as_ds(decay_factor)
+        ds.DecayFactor = format_number_as_ds(float(decay_factor[k]))
         if style.decay_correction == "NONE":
             ds.CorrectedImage = [v for v in ds.CorrectedImage if v != "DECY"]
         ds.SeriesDate, ds.SeriesTime = series.strftime("%Y%m%d"), series.strftime("%H%M%S")
+        ds.AcquisitionTime = (scan + timedelta(seconds=float(bed_start[k]))).strftime("%H%M%S")
         if style.descending:
-            ds.InstanceNumber = ds.ImageIndex = n_slices - k
+            ds.InstanceNumber = ds.ImageIndex = len(decay_factor) - k
         if style.units == "CNTS":
             block = ds.private_block(0x7053, _PHILIPS, create=True)
-            block.add_new(0x00, "DS", format_number_as_ds(suv_per_stored * (1 + style.suv_error)))
+            suv = float(suv_per_stored[k]) * (1 + style.suv_error)
+            block.add_new(0x00, "DS", format_number_as_ds(suv))
             if style.activity_factor:
                 block.add_new(0x09, "DS", format_number_as_ds(_PHILIPS_BQML_PER_COUNT))
-        if style.pet_edit is not None:
-            style.pet_edit(ds)
 
     return edit
 
@@ -248,10 +261,10 @@ def write_vendor_study(
     ``out_dir`` (``pet/``, ``ct/``); geometry as :func:`~dicomnode.testing.scanner.write_pet_series`."""
     study = study or StudyInfo()
     out = Path(out_dir)
-    scale, decay_factor = _stored_scale(style, study)
+    scale, decay_factor = _stored_scale(style, study, activity_bqml.shape[0])
     suv = _suv_per_bqml(study)
-    edit = _pet_edit(style, study, activity_bqml.shape[0], decay_factor, suv / scale)
-    pet_paths = write_pet_series(out / "pet", np.asarray(activity_bqml, np.float64) * scale,
+    edit = _pet_edit(style, study, decay_factor, suv / scale)
+    pet_paths = write_pet_series(out / "pet", np.asarray(activity_bqml, np.float64) * scale[:, None, None],
                                  spacing_mm=pet_spacing_mm, origin_mm=pet_origin_mm, study=study,
                                  series_number=3, series_description="PET WB", shuffle_seed=7,
                                  frame_duration_s=_FRAME_S, signed_pixels=style.signed_pet or None,
