@@ -365,11 +365,12 @@ class JobQueue:
         now = time.time()
         with self._tx() as conn:
             job = self._require(conn, job_id, JobState.RUNNING)
+            # The CT note as the transition's reason: the audit line says why the CT was not used.
             self._transition(
                 conn,
                 job,
                 JobState.SENDING,
-                None,
+                ct_note,
                 lease_owner=None,
                 lease_until=None,
                 output_dir=output_dir,

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dicomnode.config import DEFAULT_CONFIG, ConfigError, load_settings, parse_settings
+from dicomnode.config import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_CHECKPOINT_WITHOUT_CT,
+    DEFAULT_CONFIG,
+    ConfigError,
+    load_settings,
+    parse_settings,
+    resolve_checkpoint,
+)
 
 
 def test_embedded_default_is_valid_and_loopback() -> None:
@@ -130,3 +138,29 @@ def test_listener_auth_is_optional_and_its_secret_stays_out_of_reprs() -> None:
     assert "pw-123" not in repr(settings)  # settings get logged and printed; the secret must not be
     # A secret file or variable is read when used, so another user's `upete status` still loads the config.
     parse_settings({"metrics": {"auth": {"scheme": "bearer", "secret_file": "/nonexistent/token"}}})
+
+
+def test_without_a_model_section_the_shipped_upete_weights_run(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # any working directory: the weights are found beside the model package
+    import model
+
+    weights = Path(model.__file__).resolve().parent / "weights"
+    settings = parse_settings({"node": {"port": 11112}, "destinations": []})
+    assert settings.model.checkpoint == str(weights / "upete-ldm-p-ct.safetensors") == DEFAULT_CHECKPOINT
+    assert settings.model.checkpoint_without_ct == str(weights / "upete-ldm-p.safetensors")
+    assert Path(resolve_checkpoint(settings.model.checkpoint)).is_file()
+    # the documented relative spelling resolves from here too
+    relative = resolve_checkpoint("model/weights/upete-ldm-p.safetensors")
+    assert relative == str(weights / "upete-ldm-p.safetensors")
+    assert settings.output.series_description_suffix is None  # the method names the series
+
+
+def test_the_gaussian_runs_only_when_named_and_brings_no_pet_only_model() -> None:
+    named = parse_settings({"model": {"checkpoint": "classical:gaussian"}}).model
+    assert (named.checkpoint, named.checkpoint_without_ct) == ("classical:gaussian", None)
+    steps_only = parse_settings({"model": {"steps": 1, "device": "cpu"}}).model
+    assert steps_only.checkpoint == DEFAULT_CHECKPOINT
+    assert steps_only.checkpoint_without_ct == DEFAULT_CHECKPOINT_WITHOUT_CT
+    explicit = parse_settings({"model": {"checkpoint_without_ct": None}}).model
+    assert (explicit.checkpoint, explicit.checkpoint_without_ct) == (DEFAULT_CHECKPOINT, None)

@@ -9,7 +9,7 @@ import pytest
 
 from dicomnode.audit import AuditLog
 from dicomnode.db import DB_FILENAME, Database
-from dicomnode.jobs import MAX_PROCESS_ATTEMPTS, JobQueue, JobState
+from dicomnode.jobs import MAX_PROCESS_ATTEMPTS, JobQueue, JobState, JobVariant, ModelUsed, SendState
 
 DEST = "PACS@127.0.0.1:4242"
 
@@ -186,3 +186,45 @@ def test_illegal_transitions_are_refused(queue: JobQueue) -> None:
     queue.fail(job_id, "because")
     with pytest.raises(ValueError):
         queue.fail(job_id, "twice")
+
+
+def test_variant_and_send_state_are_enums_stored_as_their_strings(queue: JobQueue) -> None:
+    job_id = queue.create(pet_series_uid="1.2.3.9", study_uid="1.2.3", ct_series_uid=None,
+                          variant=JobVariant.WITHOUT_CT, pet_sop_uids=["9.1"],
+                          ct_note="the study has no CT series")
+    job = queue.get(job_id)
+    assert job.variant is JobVariant.WITHOUT_CT and job.ct_note == "the study has no CT series"
+    assert queue.claim_processing(lease_s=60).id == job_id
+    used = ModelUsed("upete-ldm-p.safetensors", "uPETe LDM-P", "abc123")
+    queue.processed(job_id, output_dir="outputs/job-1", output_count=1, stage_seconds={}, destinations=[DEST],
+                    model=used, ct_note="PET-only model: the study has no CT series",
+                    variant=JobVariant.WITHOUT_CT)
+    job = queue.get(job_id)
+    assert job.model == used and job.ct_note == "PET-only model: the study has no CT series"
+    [target] = queue.sends(job_id)
+    assert target.state is SendState.PENDING
+    assert queue.record_send(job_id, DEST, ok=True, sent=1, error=None, max_retries=1,
+                             backoff_s=1).state is SendState.DONE
+    rows = queue.db.query("SELECT j.variant, s.state FROM jobs j JOIN job_sends s ON s.job_id = j.id")
+    assert [tuple(row) for row in rows] == [("without_ct", "done")]
+    assert 'to=sending reason="PET-only model: the study has no CT series"' in _audit(queue)[-1]
+    with pytest.raises(ValueError, match="'other' is not a valid JobVariant"):
+        queue.create(pet_series_uid="1.2.3.10", study_uid="1.2.3", ct_series_uid=None, variant="other",
+                     pet_sop_uids=["10.1"])
+
+
+def test_a_spool_of_an_older_node_gains_the_new_columns(tmp_path: Path) -> None:
+    db = Database(tmp_path / DB_FILENAME)  # the tables as the first schema made them
+    columns = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
+    assert "ct_note" not in columns
+    reader = JobQueue(db, AuditLog(None), migrate=False)  # upete status: reads, never writes
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO jobs (pet_series_uid, study_uid, variant, state, created_at, updated_at) "
+                     "VALUES ('1.9', '1.2', 'main', 'queued', 0, 0)")
+    assert reader.list()[0].model is None and reader.list()[0].ct_note is None
+    JobQueue(db, AuditLog(None))
+    JobQueue(db, AuditLog(None))  # twice: nothing left to add
+    columns = {row["name"] for row in db.query("PRAGMA table_info(jobs)")}
+    assert {"ct_note", "model_checkpoint", "model_name", "model_version"} <= columns
+    assert reader.list()[0].variant is JobVariant.MAIN
+    db.close()

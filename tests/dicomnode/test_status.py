@@ -19,7 +19,7 @@ from dicomnode.audit import AuditLog
 from dicomnode.config import parse_settings
 from dicomnode.db import DB_FILENAME, Database
 from dicomnode.health import HEARTBEAT_FILENAME, STALE_AFTER_S, NodeMonitor, read_heartbeat
-from dicomnode.jobs import JobQueue
+from dicomnode.jobs import JobQueue, JobVariant, ModelUsed
 from dicomnode.testing.peers import ROOT
 from tests.support.dicomutil import make_study
 from upete.cli import main
@@ -115,6 +115,32 @@ def test_status_lists_health_disk_and_jobs(tmp_path: Path, capsys: pytest.Captur
     assert "study           2026-01-15 09:30  1.2" in text
     assert "reason          the PET series is not attenuation corrected" in text
     assert "PHANTOM" not in text and "PH0001" not in text  # no patient name or ID
+
+
+def test_status_shows_the_model_each_job_ran_and_why_it_had_no_ct(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _spool_with_jobs(tmp_path)
+    db = Database(tmp_path / "spool" / DB_FILENAME)
+    queue = JobQueue(db, AuditLog(None))
+    job_id = queue.create(pet_series_uid="1.6", study_uid="1.2", ct_series_uid="1.7", variant=JobVariant.MAIN,
+                          pet_sop_uids=["1.8"], ct_sop_uids=["1.9"])
+    while (claimed := queue.claim_processing(lease_s=60)) is not None and claimed.id != job_id:
+        pass
+    note = "PET-only model: the CT's axial range holds 61% of the patient's body, at least 99% is needed"
+    used = ModelUsed("upete-ldm-p.safetensors", "uPETe LDM-P", "0f1e2d3c4b5a")
+    queue.processed(job_id, output_dir="outputs/job-3", output_count=24, stage_seconds={"enhance": 1.0},
+                    destinations=[], model=used, ct_note=note, variant=JobVariant.WITHOUT_CT)
+    db.close()
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    job = next(job for job in json.loads(capsys.readouterr().out)["jobs"] if job["id"] == job_id)
+    assert job["model"] == {"checkpoint": "upete-ldm-p.safetensors", "name": "uPETe LDM-P",
+                            "version": "0f1e2d3c4b5a"}
+    assert (job["ct_note"], job["variant"]) == (note, "without_ct")
+    assert main(["status", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "CT series       1.7  (PET-only model)" in text
+    assert f"CT not used     {note}" in text
+    assert "model           uPETe LDM-P: upete-ldm-p.safetensors (version 0f1e2d3c4b5a)" in text
 
 
 def test_watch_redraws_count_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
