@@ -267,7 +267,16 @@ def handle_store(event: evt.Event, ctx: ScpContext) -> int:
     return status
 
 
-def _received(event: evt.Event) -> tuple[Dataset, Path | bytes]:
+def _received_path(event: evt.Event) -> Path | None:
+    """The file pynetdicom streamed the data set into (chunked receive), or None when in memory."""
+    try:
+        path = event.dataset_path  # None, or AttributeError, when received in memory
+    except AttributeError:
+        return None
+    return Path(path) if isinstance(path, (str, Path)) else None
+
+
+def _received(event: evt.Event, path: Path | None) -> tuple[Dataset, Path | bytes]:
     """The received data set and what the store keeps of it.
 
     With chunked receive (:func:`start_server` turns it on) pynetdicom has streamed the data set into
@@ -275,12 +284,8 @@ def _received(event: evt.Event) -> tuple[Dataset, Path | bytes]:
     so no instance is held whole in memory or re-encoded. Otherwise (a server built another way) the
     data set was received in memory and its encoded bytes are stored.
     """
-    try:
-        path = event.dataset_path  # None, or AttributeError, when received in memory
-    except AttributeError:
-        path = None
-    if isinstance(path, (str, Path)):
-        return read_received(path), Path(path)
+    if path is not None:
+        return read_received(path), path
     try:
         ds = event.dataset
         ds.file_meta = event.file_meta
@@ -292,8 +297,11 @@ def _received(event: evt.Event) -> tuple[Dataset, Path | bytes]:
 def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
     calling = stats.calling_ae if stats else ""
     fields: dict[str, object] = {"calling_ae": calling, "sop_uid": str(event.request.AffectedSOPInstanceUID)}
+    path = _received_path(event)
+    # The file's fsync runs while it is parsed and validated (dicomnode.store, step 1).
+    synced = ctx.store.begin_sync(path) if path is not None else None
     try:
-        ds, source = _received(event)
+        ds, source = _received(event, path)
         meta = validate_instance(
             ds,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -315,7 +323,7 @@ def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -
     if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
         meta = dataclasses.replace(meta, derived_by_us=True)
     try:
-        result = ctx.store.put(meta, source, calling_ae=calling)
+        result = ctx.store.put(meta, source, calling_ae=calling, synced=synced)
     except OutOfResources as exc:
         log.error(
             "instance not stored",

@@ -1,22 +1,32 @@
 """The instance store: a spool of DICOM files plus their rows in the node database.
 
-Contract of :meth:`InstanceStore.put` (what makes "Success" safe to answer):
+Contract of :meth:`InstanceStore.put` (what makes "Success" safe to answer): when it returns, the
+instance's bytes, its name ``<root>/instances/<study>/<series>/<sop>.dcm`` and its database row are all
+on disk, in that order. The SCP hands over the file pynetdicom streamed the data set into (in
+``<root>/tmp``), so an instance is never held whole in memory and never re-encoded. The steps:
 
-1. the received DICOM file is moved (renamed; copied when it lives on another file system) — or, given
-   as bytes, written — to a new temporary file under ``<root>/tmp``, and fsynced. The SCP hands over
-   the file pynetdicom streamed the data set into, so an instance is never held whole in memory and
-   never re-encoded;
-2. the file is renamed atomically to ``<root>/instances/<study>/<series>/<sop>.dcm`` and the directory
-   is fsynced, so the name survives a power cut;
-3. only then its row is inserted (one committed SQLite transaction, WAL fsynced).
+1. the received file is fsynced. The SCP starts this (:meth:`InstanceStore.begin_sync`, a helper
+   thread) before it parses and validates the file, so the disk works while the CPU does;
+2. the file is renamed to its final name (copied to a temporary file and fsynced first when it lives
+   on another file system; given as bytes, written and fsynced first) and its directory is fsynced.
+   Concurrent stores into one directory share one directory fsync (:class:`GroupRunner`);
+3. only then its row is inserted: the rows of concurrent associations are committed together, one
+   SQLite transaction and one WAL fsync for all of them (group commit, :class:`GroupRunner`).
+
+One association thus waits for the disk twice per instance (steps 2 and 3); the file's own fsync runs
+during validation. The commit stays ``synchronous=FULL``. With ``NORMAL`` the row would not be durable
+at Success and would have to be rebuilt from the file after a power cut, but the row holds what the
+file does not (the calling AE title, whether the series is this node's own output, which guards
+against enhancing it again), and finding row-less files means walking the whole spool at every start.
 
 A crash between any two steps leaves either nothing the index knows about (a stray temp file, removed
-at the next start; or a renamed file without a row, overwritten when the sender resends the instance
-it never saw acknowledged) or a complete instance. A second copy of an indexed SOP Instance UID is
-answered as stored without writing anything (idempotent). Any write error, or less than
-``storage.min_free_mb`` free, raises :class:`OutOfResources` with nothing half-written left behind.
-Free space is measured again for every instance, so the node accepts instances again by itself as
-soon as space returns.
+at the next start; or a complete, fsynced file without a row, which the sender, never acknowledged,
+sends again and which is then replaced) or a complete instance. Stores of one SOP Instance UID are
+serialised (a lock per UID hash), so a failing store that removes its file can never remove the file
+of a concurrent, acknowledged store of the same instance; an indexed UID is answered as stored without
+writing anything (idempotent). Any write error, or less than ``storage.min_free_mb`` free, raises
+:class:`OutOfResources` with nothing of the call left behind. Free space is measured again for every
+instance, so the node accepts instances again by itself as soon as space returns.
 """
 
 from __future__ import annotations
@@ -26,16 +36,21 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from dicomnode.db import Database
 from dicomnode.validate import InstanceMeta
 
-__all__ = ["InstanceStore", "OutOfResources", "PutResult", "free_bytes", "fsync_dir"]
+__all__ = ["GroupRunner", "InstanceStore", "OutOfResources", "PutResult", "free_bytes", "fsync_dir"]
 
 log = logging.getLogger("upete.store")
 
@@ -59,6 +74,61 @@ class PutResult(Enum):
 
 
 _COPY_CHUNK = 1024 * 1024
+# Stores of one SOP Instance UID are serialised by one of these locks (picked by a hash of the UID).
+_UID_LOCKS = 64
+# Threads that fsync received files while the association's thread parses and validates them: one per
+# association storing at that moment; beyond this many, file fsyncs queue (still correct, a little later).
+_FSYNC_THREADS = 8
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Slot(Generic[T]):
+    item: T
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+
+class GroupRunner(Generic[T, R]):
+    """Group commit without a thread of its own: ``run(item)`` from many threads, one batch at a time.
+
+    The first caller to find no batch running becomes the leader: it takes every item submitted so far
+    and runs ``run_batch`` on all of them (one directory fsync, one SQLite commit for all); callers that
+    arrive meanwhile wait, and the next of them leads the next batch if its item was not in this one.
+    A lone caller runs its own item at once, so one association pays nothing for the grouping. When
+    ``run_batch`` raises, every caller of that batch gets the exception.
+    """
+
+    def __init__(self, run_batch: Callable[[list[T]], Sequence[R]]) -> None:
+        self._run_batch = run_batch
+        self._pending: list[_Slot[T]] = []
+        self._pending_lock = threading.Lock()
+        self._leader = threading.Lock()  # held while a batch runs
+
+    def run(self, item: T) -> R:
+        slot = _Slot(item)
+        with self._pending_lock:
+            self._pending.append(slot)
+        with self._leader:
+            if not slot.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    results = self._run_batch([s.item for s in batch])
+                except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
+                    for s in batch:
+                        s.error = exc
+                else:
+                    for s, result in zip(batch, results, strict=True):
+                        s.result = result
+                for s in batch:
+                    s.done = True
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
 
 
 def free_bytes(path: Path) -> int:
@@ -66,13 +136,23 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_dirs(directories: list[Path]) -> list[None]:
+    for directory in dict.fromkeys(directories):  # each distinct directory once, in order
+        fsync_dir(directory)
+    return [None] * len(directories)
 
 
 def _makedirs_durable(path: Path, root: Path) -> None:
@@ -103,6 +183,10 @@ class InstanceStore:
         self.instances_dir = self.root / "instances"
         for directory in (self.root, self.tmp_dir, self.instances_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        self._uid_locks = [threading.Lock() for _ in range(_UID_LOCKS)]
+        self._file_syncs = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="upete-fsync")
+        self._directory_sync: GroupRunner[Path, None] = GroupRunner(_fsync_dirs)
+        self._row_commit: GroupRunner[tuple, int] = GroupRunner(self._insert_rows)
 
     def remove_stale_temp_files(self) -> int:
         """Delete temp files a killed process left (never acknowledged); returns how many. Call at start."""
@@ -119,13 +203,36 @@ class InstanceStore:
     def contains(self, sop_uid: str) -> bool:
         return bool(self.db.query(_EXISTS, (sop_uid,)))
 
-    def put(self, meta: InstanceMeta, source: bytes | Path, *, calling_ae: str = "") -> PutResult:
+    def begin_sync(self, received: Path) -> Future[None]:
+        """Start fsyncing a received file in a helper thread; give the future to :meth:`put`.
+
+        Called before the file is parsed and validated, so the disk works while the CPU does: the
+        file's fsync then costs an association little or nothing. A file that is refused afterwards
+        was fsynced for nothing, which is harmless.
+        """
+        return self._file_syncs.submit(_fsync, Path(received))
+
+    def put(
+        self,
+        meta: InstanceMeta,
+        source: bytes | Path,
+        *,
+        calling_ae: str = "",
+        synced: Future[None] | None = None,
+    ) -> PutResult:
         """Store one instance durably (see the module docstring).
 
         ``source`` is a DICOM file (with meta): a path, which is moved into the spool (the caller's file
-        is gone afterwards unless the instance was a duplicate or refused), or its bytes.
+        is gone afterwards unless the instance was a duplicate or refused), or its bytes. ``synced`` is
+        what :meth:`begin_sync` returned for that path; without it the file is fsynced here.
         Raises :class:`OutOfResources` when it cannot; then nothing of this call remains on disk.
         """
+        with self._uid_locks[zlib.crc32(meta.sop_uid.encode()) % _UID_LOCKS]:
+            return self._put(meta, source, calling_ae, synced)
+
+    def _put(
+        self, meta: InstanceMeta, source: bytes | Path, calling_ae: str, synced: Future[None] | None
+    ) -> PutResult:
         if self.contains(meta.sop_uid):
             return PutResult.DUPLICATE
         try:
@@ -138,57 +245,56 @@ class InstanceStore:
             raise OutOfResources(f"{free_mb} MB free, below storage.min_free_mb ({min_mb})")
         relative = self.relative_path(meta)
         final = self.root / relative
-        tmp = self.tmp_dir / f"{meta.sop_uid}.{uuid.uuid4().hex}.part"
+        placed = False
         try:
-            if isinstance(source, bytes):
-                self._write_durably(tmp, source)
-            else:
-                self._move_durably(Path(source), tmp)
             _makedirs_durable(final.parent, self.root)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
+            self._place(source, final, meta.sop_uid, synced)
+            placed = True
+            self._directory_sync.run(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            if placed:  # no row names it, and no other store of this UID runs (the UID lock)
+                final.unlink(missing_ok=True)
             reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise OutOfResources(f"cannot write the instance: {reason}") from exc
         try:
-            with self.db.transaction() as conn:
-                inserted = conn.execute(_INSERT, _row(meta, calling_ae, str(relative))).rowcount
+            inserted = self._row_commit.run(_row(meta, calling_ae, str(relative)))
         except sqlite3.Error as exc:
             # The file is complete but unindexed: remove it so no half-stored instance remains (the
             # sender gets a failure status and sends it again).
             final.unlink(missing_ok=True)
             raise OutOfResources(f"cannot index the instance: {exc}") from exc
-        # rowcount 0: another association stored the same SOP Instance UID in between (same bytes).
+        # rowcount 0: the row is there already (another process wrote it; this one serialises by UID).
         return PutResult.STORED if inserted else PutResult.DUPLICATE
 
-    @staticmethod
-    def _move_durably(source: Path, path: Path) -> None:
-        """Rename ``source`` to ``path`` (a copy in chunks across file systems), then fsync it."""
+    def _place(self, source: bytes | Path, final: Path, sop_uid: str, synced: Future[None] | None) -> None:
+        """Give the instance its final name once its bytes are durable (a copy across file systems)."""
+        if not isinstance(source, bytes):
+            if synced is not None:
+                synced.result()  # raises the fsync's OSError, if any
+            else:
+                _fsync(source)
+            try:
+                os.replace(source, final)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+        tmp = self.tmp_dir / f"{sop_uid}.{uuid.uuid4().hex}.part"
         try:
-            os.replace(source, path)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            with open(source, "rb") as src, open(path, "xb") as dst:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
+            if isinstance(source, bytes):
+                _write_new(tmp, source)
+            else:
+                with open(source, "rb") as src, open(tmp, "xb") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            _fsync(tmp)
+            os.replace(tmp, final)
         finally:
-            os.close(fd)
+            tmp.unlink(missing_ok=True)
 
-    @staticmethod
-    def _write_durably(path: Path, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _insert_rows(self, rows: list[tuple]) -> list[int]:
+        """One transaction for every row of the batch: one WAL fsync (synchronous=FULL) for all."""
+        with self.db.transaction() as conn:
+            return [conn.execute(_INSERT, row).rowcount for row in rows]
 
     def paths(self, sop_uids: Iterable[str]) -> dict[str, Path]:
         """Absolute file paths of indexed instances, by SOP Instance UID (unknown UIDs are left out)."""
@@ -202,6 +308,17 @@ class InstanceStore:
             )
             result.update({row["sop_uid"]: self.root / row["path"] for row in rows})
         return result
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    finally:
+        os.close(fd)
 
 
 def _row(meta: InstanceMeta, calling_ae: str, path: str) -> tuple:

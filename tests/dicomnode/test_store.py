@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from dicomnode.db import DB_FILENAME, Database
-from dicomnode.store import InstanceStore, OutOfResources, PutResult
+from dicomnode.store import GroupRunner, InstanceStore, OutOfResources, PutResult
 from dicomnode.validate import InstanceMeta
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
@@ -175,3 +178,90 @@ def test_free_space_is_measured_for_every_instance(
         store.put(meta(), b"x")
     free["bytes"] = 10 * 1024**3
     assert store.put(meta(), b"x") is PutResult.STORED
+
+
+def test_file_and_directory_are_fsynced_before_the_row_is_committed(
+    store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[object] = []
+    real_fsync, real_transaction = os.fsync, store.db.transaction
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(os.fstat(fd).st_ino)
+
+    def recording_transaction(*args: object, **kwargs: object):
+        events.append("commit")
+        return real_transaction(*args, **kwargs)
+
+    monkeypatch.setattr("dicomnode.store.os.fsync", recording_fsync)
+    monkeypatch.setattr(store.db, "transaction", recording_transaction)
+    assert store.put(meta(), b"DICOM bytes") is PutResult.STORED
+    path = store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"
+    commit = events.index("commit")
+    assert path.stat().st_ino in events[:commit]
+    assert path.parent.stat().st_ino in events[:commit]
+
+
+def test_a_leftover_file_without_a_row_is_replaced(store: InstanceStore) -> None:
+    # What a power cut during a store can leave: the final name, partial bytes, no row.
+    path = store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"par")
+    assert store.put(meta(), b"DICOM bytes") is PutResult.STORED
+    assert path.read_bytes() == b"DICOM bytes"
+
+
+def test_concurrent_stores_of_one_instance_store_it_once(store: InstanceStore, tmp_path: Path) -> None:
+    sources = []
+    for k in range(8):
+        source = tmp_path / f"received{k}.dcm"
+        source.write_bytes(b"same instance")
+        sources.append(source)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda source: store.put(meta(), source), sources))
+    assert results.count(PutResult.STORED) == 1
+    assert results.count(PutResult.DUPLICATE) == 7
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"same instance"
+
+
+def test_concurrent_stores_of_many_instances_are_all_stored(store: InstanceStore) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda k: store.put(meta(f"1.2.3.4.{k}"), b"x"), range(1, 41)))
+    assert results == [PutResult.STORED] * 40
+    assert len(store.db.query("SELECT * FROM instances")) == 40
+
+
+def test_group_runner_runs_what_waits_in_one_batch() -> None:
+    batches: list[list[int]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        batches.append(items)
+        if items == [0]:
+            first_started.set()
+            release.wait(5)
+        return [item * 10 for item in items]
+
+    group: GroupRunner[int, int] = GroupRunner(run_batch)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(group.run, 0)
+        assert first_started.wait(5)
+        others = [pool.submit(group.run, item) for item in (1, 2, 3)]
+        while len(group._pending) < 3:  # all three queued behind the running batch
+            time.sleep(0.01)
+        release.set()
+        assert first.result() == 0
+        assert [f.result() for f in others] == [10, 20, 30]
+    assert batches == [[0], [1, 2, 3]]
+
+
+def test_group_runner_gives_the_error_to_every_caller_of_the_batch() -> None:
+    def run_batch(items: list[int]) -> list[int]:
+        raise OSError(errno.EIO, "I/O error")
+
+    group: GroupRunner[int, int] = GroupRunner(run_batch)
+    with pytest.raises(OSError, match="I/O error"):
+        group.run(1)
+    with pytest.raises(OSError, match="I/O error"):
+        group.run(2)
