@@ -17,6 +17,7 @@ import pytest
 from dicomnode.config import OutputSettings
 from dicomnode.pet_units import philips_scale_factors
 from dicomnode.pipeline import enhance_series
+from dicomnode.testing.peers import NodeProcess, StoreSCP, free_port, storescu, wait_for, write_config
 from dicomnode.testing.vendors import REFUSED_STYLES, VENDOR_STYLES, VendorStudy, write_vendor_study
 from dicomnode.validate import read_received, validate_instance
 from dicomnode.volume import VolumeError
@@ -128,3 +129,30 @@ def test_unusable_vendor_study_is_refused_naming_the_attribute(tmp_path: Path, n
     with pytest.raises(VolumeError, match=re.escape(attribute)):
         enhance_series(study.pet_paths, study.ct_paths, IdentityWithCT(), tmp_path / "out", output=OUTPUT)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.network
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["philips", "ge"])
+def test_vendor_study_through_the_running_node(tmp_path: Path, name: str) -> None:
+    """storescu → `upete serve` (Gaussian filter) → storescp: Philips counts are selected, a GE series
+    reconstructed after the scan keeps its decay reference; the series at the PACS is clean and its
+    headers give the true SUVbw per Bq/ml."""
+    study, truth, _ = _write(tmp_path, VENDOR_STYLES[name])
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = write_config(tmp_path, port=free_port(), destinations=[pacs.destination()],
+                              series_timeout_s=2)
+        with NodeProcess(config) as node:
+            sent = storescu(study.ct_paths + study.pet_paths, node.port)
+            assert sent.returncode == 0, sent.stderr
+            wait_for(lambda: len(list(pacs.out_dir.iterdir())) >= PET_SHAPE[0], timeout=90,
+                     what="the derived series at the PACS")
+    derived = pacs.datasets()
+    assert len(derived) == PET_SHAPE[0]
+    total = 0.0
+    for ds in derived:
+        assert dciodvfy_errors(Path(ds.filename)) == []
+        assert (ds.Units, ds.DecayCorrection) == ("BQML", "START")
+        assert abs(_suv_per_bqml(ds) / study.suv_per_bqml - 1) < 0.01
+        total += float(_rescaled(ds).sum())
+    assert abs(total / float(truth.sum()) - 1) < 0.02  # the filter moves activity, it does not lose it
