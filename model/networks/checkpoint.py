@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "save_training_state",
     "weights_digest",
+    "write_model_files",
 ]
 
 
@@ -58,18 +59,28 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | Path, model: UPETeModel, config: ModelConfig | None = None) -> Path:
-    """Write ``path`` (.safetensors) and its JSON config; returns the weights path."""
+def write_model_files(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str], config: dict[str, Any]
+) -> Path:
+    """Write a model's pair atomically: ``path`` (.safetensors, with ``metadata``) and its JSON ``config``.
+
+    The one writer of shipped model files, whatever the network; returns the weights path.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"a checkpoint must be named *.safetensors, found {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(path, dict(tensors), metadata)
+    _atomic_write_bytes(config_path(path), (json.dumps(config, indent=2) + "\n").encode())
+    return path
+
+
+def save_checkpoint(path: str | Path, model: UPETeModel, config: ModelConfig | None = None) -> Path:
+    """Write ``path`` (.safetensors) and its JSON config; returns the weights path."""
     config = config or model.config
     config.validate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config.to_json(), indent=2, sort_keys=False)
-    _atomic_save_tensors(path, model.state_dict(), {"format": "upete", "variant": config.variant.value})
-    _atomic_write_bytes(config_path(path), (text + "\n").encode())
-    return path
+    metadata = {"format": "upete", "variant": config.variant.value}
+    return write_model_files(path, model.state_dict(), metadata, config.to_json())
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

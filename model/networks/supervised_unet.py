@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from model.networks.checkpoint import _atomic_save_tensors, _atomic_write_bytes, config_path
+from model.networks.checkpoint import config_path, write_model_files
 from model.networks.layers import Downsample, ResBlock, Upsample, check_levels, group_norm
 
 __all__ = [
@@ -181,16 +181,9 @@ class SupervisedUNet(nn.Module):
 
 def save_supervised(path: str | Path, model: SupervisedUNet, config: SupervisedConfig | None = None) -> Path:
     """Write ``path`` (.safetensors) and its JSON config, atomically; returns the weights path."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"a checkpoint must be named *.safetensors, found {path.name!r}")
     config = config or model.config
     config.validate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(path, model.state_dict(), {"format": "upete", "kind": KIND})
-    text = json.dumps(config.to_json(), indent=2)
-    _atomic_write_bytes(config_path(path), (text + "\n").encode())
-    return path
+    return write_model_files(path, model.state_dict(), {"format": "upete", "kind": KIND}, config.to_json())
 
 
 def load_supervised(path: str | Path, *, device: str | torch.device = "cpu") -> SupervisedUNet:

@@ -41,19 +41,13 @@ from model.networks.checkpoint import (
 )
 from model.networks.diffusion import GaussianSchedule, LatentDiffusion
 from model.networks.noise_level import NoiseCurve
-from model.networks.upete_model import ModelConfig, UPETeModel
+from model.networks.upete_model import ModelConfig, NormalisationConfig, UPETeModel, default_config
 from model.training.calibration import latent_moments, measure_noise_curve
 from model.training.data import DicomLoader, fixed_scale_bqml, load_cases
 from model.training.losses import PerceptualLoss, hinge_d_loss, hinge_g_loss, ssim_loss
 from model.training.patches import PatchSampler, PerturbedPool
 from model.training.runtime import Distributed, Ema, Precision, ProgressLog, resolve_device, software_version
-from model.training.settings import (
-    DEFAULT_PATCH_CPU,
-    DEFAULT_PATCH_CUDA,
-    TrainSettings,
-    TrainStage,
-    config_for,
-)
+from model.training.settings import DEFAULT_PATCH_CPU, DEFAULT_PATCH_CUDA, TrainSettings, TrainStage
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
 
@@ -452,6 +446,20 @@ class _Run:
         )
         self.dist.barrier()
         return path
+
+
+def config_for(settings: TrainSettings, scale_bqml: float, patch: tuple[int, int, int]) -> ModelConfig:
+    """The model config a run of ``settings`` trains, at ``scale_bqml`` and training patch ``patch``."""
+    return default_config(
+        settings.variant,
+        ae_channels=settings.ae_channels,
+        latent_channels=settings.latent_channels,
+        unet_channels=settings.unet_channels,
+        norm_groups=settings.norm_groups,
+        head_channels=settings.head_channels,
+        patch_size=patch,
+        normalisation=NormalisationConfig(mode=settings.normalisation, scale_bqml=scale_bqml),
+    )
 
 
 def train(

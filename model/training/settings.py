@@ -1,15 +1,58 @@
-"""What a training run is asked to do: :class:`TrainSettings`, and the model config it starts from."""
+"""What a training run is asked to do: the one table of training defaults.
+
+:class:`TrainSettings` (a uPETe variant) and :class:`SupervisedSettings` (the reference U-Net) share
+:class:`RunSettings` (where a run reads and writes, and how it runs). Their field defaults are the
+only defaults: ``upete train`` leaves an option it was not given at None and builds the settings
+with :meth:`RunSettings.from_options`. Free of torch, so the command line reads them cheaply.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from model.networks.diffusion import Variant
-from model.networks.upete_model import ModelConfig, NormalisationConfig, default_config
+if TYPE_CHECKING:
+    from model.networks.diffusion import Variant
 
-__all__ = ["DEFAULT_PATCH_CPU", "DEFAULT_PATCH_CUDA", "TrainSettings", "TrainStage", "config_for"]
+__all__ = [
+    "DEFAULT_PATCH_CPU",
+    "DEFAULT_PATCH_CUDA",
+    "RunSettings",
+    "SupervisedSettings",
+    "TrainSettings",
+    "TrainStage",
+]
+
+_Settings = TypeVar("_Settings", bound="RunSettings")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What both trainers share: data, output, batch, EMA, saving, logging, seed and device."""
+
+    data_dir: Path
+    out_dir: Path
+    batch_size: int = 2
+    norm_groups: int = 8
+    ema_decay: float = 0.999
+    checkpoint_every_s: float = 300.0
+    log_every_s: float = 15.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    resume: bool = False
+
+    @classmethod
+    def from_options(cls: type[_Settings], options: Mapping[str, Any], **fixed: Any) -> _Settings:
+        """Settings from ``options`` (e.g. ``vars(args)``): each field it sets (None: this table's
+        default), other keys ignored; ``fixed`` over them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in options.items() if k in names and v is not None}
+        return cls(**{**given, **fixed})
 
 
 class TrainStage(str, Enum):
@@ -20,23 +63,20 @@ class TrainStage(str, Enum):
     BOTH = "both"
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything ``upete train`` can set. Sizes default to DESIGN.md §4's two-CPU-core scale."""
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(RunSettings):
+    """Everything ``upete train`` can set for a uPETe variant. Sizes default to a scale that trains
+    on two CPU cores (tiny next to the paper's GPU runs)."""
 
     variant: Variant
-    out_dir: Path
-    data_dir: Path
     stage: TrainStage = TrainStage.BOTH  # its spelling ("ae", "denoiser", "both") is accepted too
     init: Path | None = None  # a checkpoint whose trained autoencoder (and calibration) to reuse
     patch_size: tuple[int, int, int] | None = None  # None: 96³ on CUDA, 32×48×48 on CPU
-    batch_size: int = 2
     ae_steps: int = 2000
     denoiser_steps: int = 4000
     ae_channels: tuple[int, ...] = (16, 32, 64)
     latent_channels: int = 4
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    norm_groups: int = 8
     head_channels: int = 32
     ae_lr: float = 1e-4
     disc_lr: float = 1e-4
@@ -59,13 +99,6 @@ class TrainSettings:
     normalisation: str = "fixed"
     curve_points: int = 9  # σ_t is close to log-linear in t: 50-step spacing is plenty
     curve_slabs: int = 3
-    ema_decay: float = 0.999
-    checkpoint_every_s: float = 300.0
-    log_every_s: float = 15.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    resume: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage, TrainStage):
@@ -87,20 +120,36 @@ class TrainSettings:
             raise ValueError("curve_points must be ≥ 2 and curve_slabs ≥ 1")
 
 
-#: Default training patches (z, y, x): the issue's 96³ where a GPU trains, DESIGN.md §4's CPU scale otherwise
+#: Default training patches (z, y, x): 96³ where a GPU trains, the two-core CPU scale otherwise
 #: (64³ costs ≈ 4 s a step for the default autoencoder on two cores, 32×48×48 about a quarter of that).
 DEFAULT_PATCH_CUDA = (96, 96, 96)
 DEFAULT_PATCH_CPU = (32, 48, 48)
 
 
-def config_for(settings: TrainSettings, scale_bqml: float, patch: tuple[int, int, int]) -> ModelConfig:
-    return default_config(
-        settings.variant,
-        ae_channels=settings.ae_channels,
-        latent_channels=settings.latent_channels,
-        unet_channels=settings.unet_channels,
-        norm_groups=settings.norm_groups,
-        head_channels=settings.head_channels,
-        patch_size=patch,
-        normalisation=NormalisationConfig(mode=settings.normalisation, scale_bqml=scale_bqml),
-    )
+@dataclass(frozen=True, kw_only=True)
+class SupervisedSettings(RunSettings):
+    """Everything ``upete train --variant supervised`` can set; sizes default to the two-core CPU scale."""
+
+    dose: float = 0.1
+    steps: int = 6000
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH_CPU
+    channels: tuple[int, ...] = (16, 32, 64)
+    res_blocks: int = 2  # (16, 32, 64) × 2 blocks ≈ 1.0 M parameters, the uPETe denoiser's order
+    lr: float = 5e-4
+    # Linear learning-rate warm-up: Adam's first steps from a zero-initialised output layer overshoot.
+    warmup_steps: int = 200
+    ssim_weight: float = 0.0
+
+    def validate(self) -> None:
+        if not 0 < self.dose <= 1:
+            raise ValueError(f"dose must be in (0, 1], found {self.dose}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(
+                f"steps must be ≥ 0 and batch_size ≥ 1, found {self.steps} and {self.batch_size}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, found {self.warmup_steps}")
+        if self.lr <= 0 or self.ssim_weight < 0:
+            raise ValueError(
+                f"lr must be positive and ssim_weight ≥ 0, found {self.lr} and {self.ssim_weight}"
+            )

@@ -32,6 +32,7 @@ from model.networks.supervised_unet import SupervisedConfig, SupervisedUNet, par
 from model.training.data import TrainingCase, body_candidates, fixed_scale_bqml, pad_to, random_patch_origin
 from model.training.losses import ssim_loss
 from model.training.runtime import Ema, Precision, ProgressLog, resolve_device, software_version
+from model.training.settings import SupervisedSettings
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -48,46 +49,6 @@ log = logging.getLogger("model.training.diffusion")
 
 STATE_NAME = "supervised-state.safetensors"
 CHECKPOINT_NAME = "supervised-unet.safetensors"
-
-
-@dataclass(frozen=True)
-class SupervisedSettings:
-    """Everything ``upete train --variant supervised`` can set; sizes default to DESIGN.md §4's CPU scale."""
-
-    data_dir: Path
-    out_dir: Path
-    dose: float = 0.1
-    steps: int = 6000
-    patch_size: tuple[int, int, int] = (32, 48, 48)
-    batch_size: int = 2
-    channels: tuple[int, ...] = (16, 32, 64)
-    res_blocks: int = 2  # (16, 32, 64) × 2 blocks ≈ 1.0 M parameters, the uPETe denoiser's order
-    norm_groups: int = 8
-    lr: float = 5e-4
-    # Linear learning-rate warm-up: Adam's first steps from a zero-initialised output layer overshoot.
-    warmup_steps: int = 200
-    ssim_weight: float = 0.0
-    ema_decay: float = 0.999
-    checkpoint_every_s: float = 300.0
-    log_every_s: float = 15.0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    resume: bool = False
-
-    def validate(self) -> None:
-        if not 0 < self.dose <= 1:
-            raise ValueError(f"dose must be in (0, 1], found {self.dose}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(
-                f"steps must be ≥ 0 and batch_size ≥ 1, found {self.steps} and {self.batch_size}"
-            )
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be ≥ 0, found {self.warmup_steps}")
-        if self.lr <= 0 or self.ssim_weight < 0:
-            raise ValueError(
-                f"lr must be positive and ssim_weight ≥ 0, found {self.lr} and {self.ssim_weight}"
-            )
 
 
 @dataclass

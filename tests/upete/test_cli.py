@@ -40,3 +40,25 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "refusing to start" in proc.stderr and "node.port" in proc.stderr
+
+
+def _train_args(*extra: str):  # noqa: ANN202 - argparse.Namespace
+    return build_parser().parse_args(["train", "--variant", "ldm-p", "--data", "d", "--out", "o", *extra])
+
+
+def test_train_options_not_given_take_the_settings_tables_defaults() -> None:
+    from model.training.settings import TrainSettings, TrainStage
+    from upete.commands.train import train_settings
+
+    settings = train_settings(_train_args())
+    table = TrainSettings(variant=settings.variant, data_dir=Path("d"), out_dir=Path("o"))
+    assert settings == table and settings.stage is TrainStage.BOTH
+
+
+def test_train_options_given_override_the_table() -> None:
+    from upete.commands.train import train_settings
+
+    settings = train_settings(_train_args("--steps", "7", "--denoiser-steps", "9", "--batch", "3",
+                                          "--no-amp", "--stage", "ae", "--patch", "16,32,32"))
+    assert (settings.ae_steps, settings.denoiser_steps, settings.batch_size) == (7, 9, 3)
+    assert settings.amp is False and settings.stage.value == "ae" and settings.patch_size == (16, 32, 32)

@@ -13,14 +13,25 @@ into ``OUT/sim_data_dDOSE``), ending with ``OUT/supervised-unet.safetensors`` + 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 
 from dicomnode.logs import setup_logging
+from model.training.settings import (
+    DEFAULT_PATCH_CPU,
+    DEFAULT_PATCH_CUDA,
+    SupervisedSettings,
+    TrainSettings,
+    TrainStage,
+)
+from upete.commands.common import EXIT_USAGE, fail
 
 VARIANTS = ("ldm", "ldm-p", "ldm-ct", "ldm-p-ct", "supervised")
+#: Phantom size (2 mm voxels) for --simulate: a command-line choice, not a training setting.
+SIM_SHAPE = (64, 128, 128)
 
 
 def _sizes(text: str, count: int | None = None) -> tuple[int, ...]:
@@ -44,6 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "encoder). Progress is logged with loss and ETA; the state is saved every few minutes and "
         "--resume continues it. Exit status 0 when trained, 1 on a training failure, 2 on usage errors.",
     )
+    # Every option the settings hold defaults to None here: model.training.settings is the one table
+    # of defaults (quoted in the help from there), and an option not given leaves its default alone.
+    _add_data_options(parser)
+    _add_model_options(parser)
+    _add_run_options(parser)
+    return parser
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant",
         choices=VARIANTS,
@@ -54,8 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--dose",
         metavar="D",
         type=float,
-        default=0.1,
-        help="supervised only: the LPET dose fraction it trains on (default 0.1)",
+        help=f"supervised only: the LPET dose fraction it trains on (default {SupervisedSettings.dose:g})",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -63,9 +82,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     source.add_argument("--simulate", metavar="N", type=int, help="train on N simulated phantom cases")
     parser.add_argument(
+        "--sim-shape",
+        metavar="Z,Y,X",
+        type=lambda t: _sizes(t, 3),
+        default=SIM_SHAPE,
+        help=f"phantom size in 2 mm voxels for --simulate (default {_listed(SIM_SHAPE)})",
+    )
+    parser.add_argument(
         "--out", metavar="DIR", type=Path, required=True, help="folder for checkpoints and state"
     )
-    parser.add_argument("--stage", choices=("ae", "denoiser", "both"), default="both")
+    parser.add_argument("--stage", choices=[s.value for s in TrainStage], help="default both")
     parser.add_argument(
         "--init",
         metavar="CKPT",
@@ -74,36 +100,49 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "of another variant: the paper's variants share one compression model)",
     )
     parser.add_argument(
+        "--no-vary-recon",
+        dest="vary_recon",
+        action="store_false",
+        default=None,
+        help="perturb with one reconstruction setting only (default: vary OSEM/FBP and filters)",
+    )
+    parser.add_argument("--pool-size", metavar="N", type=int, help="perturbed slabs kept for cropping")
+    parser.add_argument(
+        "--pool-refresh",
+        metavar="R",
+        type=float,
+        help=f"perturbed slabs replaced per step (default {TrainSettings.pool_refresh:g}; perturbing "
+        "costs seconds)",
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--patch",
+        dest="patch_size",
         metavar="Z,Y,X",
         type=lambda t: _sizes(t, 3),
-        default=None,
-        help="training patch in 2 mm voxels, multiples of f × 4 (default 96,96,96 on CUDA, 32,48,48 on CPU)",
+        help=f"training patch in 2 mm voxels, multiples of f × 4 (default {_listed(DEFAULT_PATCH_CUDA)} "
+        f"on CUDA, {_listed(DEFAULT_PATCH_CPU)} on CPU)",
     )
-    parser.add_argument(
-        "--steps", metavar="N", type=int, help="steps of each stage (default 2000 AE, 4000 denoiser)"
-    )
-    parser.add_argument("--ae-steps", metavar="N", type=int)
-    parser.add_argument("--denoiser-steps", metavar="N", type=int)
-    parser.add_argument("--batch", metavar="N", type=int, default=2, help="patches per step (per GPU)")
     parser.add_argument(
         "--ae-channels",
         metavar="C,..",
         type=_sizes,
-        default=(16, 32, 64),
-        help="autoencoder channels per level; 2/3/4 levels give f = 2/4/8 (default 16,32,64)",
+        help="autoencoder channels per level; 2/3/4 levels give f = 2/4/8 "
+        f"(default {_listed(TrainSettings.ae_channels)})",
     )
     parser.add_argument(
         "--unet-channels",
         metavar="C,..",
         type=_sizes,
-        default=None,
-        help="U-Net channels per level (default 32,64,64 for the denoiser, 16,32,64 for supervised)",
+        help=f"U-Net channels per level (default {_listed(TrainSettings.unet_channels)} for the denoiser, "
+        f"{_listed(SupervisedSettings.channels)} for supervised)",
     )
-    parser.add_argument("--latent-channels", metavar="C", type=int, default=4)
-    parser.add_argument("--norm-groups", metavar="G", type=int, default=8)
-    parser.add_argument("--head-channels", metavar="C", type=int, default=32)
-    parser.add_argument("--normalisation", choices=("fixed", "minmax"), default="fixed")
+    parser.add_argument("--latent-channels", metavar="C", type=int)
+    parser.add_argument("--norm-groups", metavar="G", type=int)
+    parser.add_argument("--head-channels", metavar="C", type=int)
+    parser.add_argument("--normalisation", choices=("fixed", "minmax"), help="default fixed")
     parser.add_argument(
         "--perceptual-weights",
         metavar="FILE",
@@ -114,61 +153,50 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--adv-weight",
         metavar="W",
         type=float,
-        default=0.0,
         help="weight of the autoencoder's patch-adversarial loss (default 0: off, it costs PSNR)",
     )
     parser.add_argument(
         "--adv-start", metavar="STEP", type=int, help="autoencoder step where the discriminator joins"
     )
     parser.add_argument(
-        "--sim-shape",
-        metavar="Z,Y,X",
-        type=lambda t: _sizes(t, 3),
-        default=(64, 128, 128),
-        help="phantom size in 2 mm voxels for --simulate (default 64,128,128)",
+        "--curve-points", metavar="N", type=int, help="steps t at which the noise curve is measured"
     )
+    parser.add_argument("--curve-slabs", metavar="N", type=int, help="slabs averaged per curve point")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--no-vary-recon",
-        action="store_true",
-        help="perturb with one reconstruction setting only (default: vary OSEM/FBP and filters)",
-    )
-    parser.add_argument(
-        "--pool-size", metavar="N", type=int, default=8, help="perturbed slabs kept for cropping"
-    )
-    parser.add_argument(
-        "--pool-refresh",
-        metavar="R",
-        type=float,
-        default=0.25,
-        help="perturbed slabs replaced per step (default 0.25: one every 4 steps; perturbing costs seconds)",
-    )
-    parser.add_argument(
-        "--curve-points",
+        "--steps",
         metavar="N",
         type=int,
-        default=9,
-        help="steps t at which the noise curve is measured",
+        help=f"steps of each stage (default {TrainSettings.ae_steps} AE, {TrainSettings.denoiser_steps} "
+        f"denoiser; {SupervisedSettings.steps} supervised)",
+    )
+    parser.add_argument("--ae-steps", metavar="N", type=int)
+    parser.add_argument("--denoiser-steps", metavar="N", type=int)
+    parser.add_argument(
+        "--batch", dest="batch_size", metavar="N", type=int, help="patches per step (per GPU)"
     )
     parser.add_argument(
-        "--curve-slabs", metavar="N", type=int, default=3, help="slabs averaged per curve point"
+        "--checkpoint-every", dest="checkpoint_every_s", metavar="S", type=float,
+        help="seconds between saves",
     )
     parser.add_argument(
-        "--checkpoint-every", metavar="S", type=float, default=300.0, help="seconds between saves"
+        "--log-every", dest="log_every_s", metavar="S", type=float, help="seconds between progress lines"
     )
     parser.add_argument(
-        "--log-every", metavar="S", type=float, default=15.0, help="seconds between progress lines"
+        "--resume", action="store_true", default=None, help="continue the state saved in --out"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the state saved in --out")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument(
+        "--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA"
+    )
+    parser.add_argument("--seed", type=int)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
 
 
-def _error(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return status
+def _listed(sizes: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in sizes)
 
 
 def _simulate(
@@ -215,35 +243,21 @@ def _dicom_loader(folder: Path):  # noqa: ANN202 - (sitk.Image, sitk.Image | Non
 
 
 def _run_supervised(args: argparse.Namespace) -> int:
-    from model.training.supervised import SupervisedSettings, train_supervised
+    from model.training.supervised import train_supervised
 
-    if not 0 < args.dose <= 1:
-        return _error(f"--dose must be in (0, 1], found {args.dose}", 2)
-    defaults = SupervisedSettings(data_dir=Path(), out_dir=Path())
+    settings = SupervisedSettings.from_options(
+        {**vars(args), "channels": args.unet_channels}, data_dir=args.data, out_dir=args.out
+    )
+    if not 0 < settings.dose <= 1:
+        return fail(f"--dose must be in (0, 1], found {settings.dose}", EXIT_USAGE)
     try:
-        data = args.data
         if args.simulate is not None:
-            folder = args.out / f"sim_data_d{args.dose:g}"
-            data = _simulate(folder, args.simulate, args.sim_shape, args.seed, doses=(args.dose,))
-        settings = SupervisedSettings(
-            data_dir=data,
-            out_dir=args.out,
-            dose=args.dose,
-            steps=args.steps if args.steps is not None else defaults.steps,
-            patch_size=args.patch or defaults.patch_size,
-            batch_size=args.batch,
-            channels=args.unet_channels or defaults.channels,
-            norm_groups=args.norm_groups,
-            checkpoint_every_s=args.checkpoint_every,
-            log_every_s=args.log_every,
-            seed=args.seed,
-            device=args.device,
-            amp=not args.no_amp,
-            resume=args.resume,
-        )
+            folder = args.out / f"sim_data_d{settings.dose:g}"
+            data = _simulate(folder, args.simulate, args.sim_shape, settings.seed, doses=(settings.dose,))
+            settings = dataclasses.replace(settings, data_dir=data)
         result = train_supervised(settings)
     except (ValueError, FileNotFoundError) as exc:
-        return _error(str(exc), 2)
+        return fail(str(exc), EXIT_USAGE)
     print(f"model: {result.checkpoint}")
     print(f"evaluate: python benchmarks/quality.py --checkpoint {result.checkpoint}")
     return 0
@@ -252,58 +266,18 @@ def _run_supervised(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     setup_logging("DEBUG" if args.verbose else "INFO")
     if args.simulate is not None and args.simulate < 1:
-        return _error("--simulate needs at least 1 case", 2)
+        return fail("--simulate needs at least 1 case", EXIT_USAGE)
     if args.variant == "supervised":
         return _run_supervised(args)
-    from model.networks.diffusion import Variant
-    from model.training.diffusion import TrainSettings, train
+    from model.training.diffusion import train
 
-    ae_steps = (
-        args.ae_steps if args.ae_steps is not None else (args.steps if args.steps is not None else 2000)
-    )
-    dn_steps = (
-        args.denoiser_steps
-        if args.denoiser_steps is not None
-        else (args.steps if args.steps is not None else 4000)
-    )
     try:
-        data = args.data
+        settings = train_settings(args)
         if args.simulate is not None:
-            data = _simulate(args.out / "sim_data", args.simulate, args.sim_shape, args.seed)
-        settings = TrainSettings(
-            variant=Variant(args.variant),
-            out_dir=args.out,
-            data_dir=data,
-            stage=args.stage,
-            init=args.init,
-            patch_size=args.patch,
-            batch_size=args.batch,
-            ae_steps=ae_steps,
-            denoiser_steps=dn_steps,
-            ae_channels=args.ae_channels,
-            latent_channels=args.latent_channels,
-            unet_channels=args.unet_channels or (32, 64, 64),
-            norm_groups=args.norm_groups,
-            head_channels=args.head_channels,
-            perceptual_weights=args.perceptual_weights,
-            adv_weight=args.adv_weight,
-            adv_start=args.adv_start,
-            normalisation=args.normalisation,
-            vary_recon=not args.no_vary_recon,
-            pool_size=args.pool_size,
-            pool_refresh=args.pool_refresh,
-            curve_points=args.curve_points,
-            curve_slabs=args.curve_slabs,
-            checkpoint_every_s=args.checkpoint_every,
-            log_every_s=args.log_every,
-            seed=args.seed,
-            device=args.device,
-            amp=not args.no_amp,
-            resume=args.resume,
-        )
+            _simulate(settings.data_dir, args.simulate, args.sim_shape, settings.seed)
         result = train(settings, dicom_loader=_dicom_loader)
     except (ValueError, FileNotFoundError) as exc:
-        return _error(str(exc), 2)
+        return fail(str(exc), EXIT_USAGE)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.checkpoint is None:
@@ -320,3 +294,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {result.checkpoint}")
     print(f"config: {config} (upete enhance --config {config} --pet DIR --ct DIR --out DIR)")
     return 0
+
+
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """A uPETe variant's settings from the parsed options: those given over the table's defaults
+    (``--steps`` sets both stages unless ``--ae-steps`` or ``--denoiser-steps`` say otherwise)."""
+    from model.networks.diffusion import Variant
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return TrainSettings.from_options(
+        {"ae_steps": args.steps, "denoiser_steps": args.steps, **given},
+        variant=Variant(args.variant),
+        data_dir=args.data if args.simulate is None else args.out / "sim_data",
+        out_dir=args.out,
+    )
