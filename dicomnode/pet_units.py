@@ -16,7 +16,8 @@ stays what it was:
   keeps the scan start in its private Scan DateTime (0009,100D) of "GEMS_PETD_01", otherwise the
   earliest AcquisitionDate/Time is used (QIBA). SeriesDate/SeriesTime are set to the reference.
 
-What cannot be converted raises :class:`~dicomnode.volume.VolumeError` naming the attribute.
+What cannot be converted raises :class:`ActivityError` naming the attribute (a
+:class:`~dicomnode.volume.VolumeError` from :func:`~dicomnode.volume.load_series`).
 """
 
 from __future__ import annotations
