@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dicomnode.config import resolve_checkpoint
 from upete.commands.common import EXIT_USAGE, add_config_option, load_config
 
 
@@ -22,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     settings = load_config(args)
     if settings is None:
         return EXIT_USAGE
-    node = settings.node
+    node, model = settings.node, settings.model
+    pet_only = resolve_checkpoint(model.checkpoint_without_ct) if model.checkpoint_without_ct else "none"
     print(f"ok: AE {node.ae_title} on {node.host}:{node.port}, spool {settings.storage.root}, "
-          f"model {settings.model.checkpoint} on {settings.model.device}, "
+          f"model {resolve_checkpoint(model.checkpoint)} (PET-only model: {pet_only}) on {model.device}, "
           f"{len(settings.destinations)} destination(s)")
     return 0
