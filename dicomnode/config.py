@@ -437,7 +437,7 @@ def resolve_checkpoint(spec: str) -> str:
     """The checkpoint spec with a relative file path made absolute (classical specs unchanged)."""
     if spec.startswith("classical:"):
         return spec
-    return str(_resolve(Path(spec)))
+    return os.path.abspath(_resolve(Path(spec)))
 
 
 class ConfigError(Exception):
