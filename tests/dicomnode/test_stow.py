@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ from dicomnode.stow import parse_stow_response, stow_files
 from dicomnode.testing.peers import free_port, wait_for, write_config
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
 from tests.dicomnode.test_sender import _job_with_output
+from tests.dicomnode.test_tls import Pki, pki  # noqa: F401 - pki: the CA and certificates (a fixture)
 from upete.cli import main
 
 
@@ -59,7 +61,10 @@ def store_all(uids: list[str]) -> tuple[int, bytes]:
 class FakeDicomweb:
     """A DICOMweb server on 127.0.0.1 that records each STOW-RS request and answers with ``answer``."""
 
-    def __init__(self, answer: Answer = store_all, *, root: str = "/dicom-web", port: int = 0) -> None:
+    def __init__(
+        self, answer: Answer = store_all, *, root: str = "/dicom-web", port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.answer = answer
         self.requests: list[dict] = []
         fake = self
@@ -80,7 +85,10 @@ class FakeDicomweb:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{root}"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}{root}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -198,3 +206,19 @@ def test_dicomweb_destination_retries_fails_with_reason_then_resend_delivers(
         db.close()
     lines = settings.logging.audit_file.read_text()
     assert lines.count("event=send ") == 3 and "result=ok" in lines
+
+
+def test_https_verifies_the_server_against_the_configured_ca(pki: Pki, files: list[Path]) -> None:  # noqa: F811
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.path("server.pem"), pki.path("server.key"))
+    server = FakeDicomweb(tls=context)
+    try:
+        trusted = _destination(server.url, tls={"ca_certificates": pki.path("ca.pem")})
+        assert stow_files(files, trusted).error is None and len(server.requests) == 1
+        # A server whose certificate does not chain to the configured CA gets nothing.
+        other = _destination(server.url, tls={"ca_certificates": pki.path("rogue-ca.pem")}, timeout_s=5)
+        result = stow_files(files, other)
+        assert "CERTIFICATE_VERIFY_FAILED" in result.error and result.unacknowledged == len(files)
+        assert len(server.requests) == 1
+    finally:
+        server.close()
