@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -172,3 +173,23 @@ def test_warning_when_the_page_is_open_beyond_loopback(
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert bool(warnings) is warned, host
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("10.0.0.5")
+
+
+def test_a_node_whose_auth_secret_cannot_be_read_refuses_to_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicomnode.service import run_node
+
+    settings = parse_settings({
+        "storage": {"root": str(tmp_path / "spool")},
+        "logging": {"audit_file": None},
+        "metrics": {"port": 0, "auth": {"scheme": "bearer", "secret_file": str(tmp_path / "no-such-file")}},
+    })
+    result: list[int] = []
+    # In a thread: run_node installs signal handlers only on the main thread, which is pytest's.
+    thread = threading.Thread(target=lambda: result.append(run_node(settings)))
+    thread.start()
+    thread.join(60)
+    assert result == [2]  # never serves the page unguarded
+    [record] = [r for r in caplog.records if "metrics.auth does not load" in r.getMessage()]
+    assert "no-such-file" in record.fields["error"]  # the log names what is missing
