@@ -113,7 +113,10 @@ class LPETEnhancer(Enhancer):
         )
 
     def enhance_array(self, pet_bqml, ct_hu=None, *, spacing_mm, progress=None):
-        return _float32(pet_bqml).copy()
+        out = _float32(pet_bqml).copy()
+        _report(progress, 0.0, "lpet")
+        _report(progress, 1.0, "lpet")
+        return out
 
 
 class GaussianEnhancer(Enhancer):
