@@ -126,14 +126,20 @@ def _usable_ct(
     return (None, refusal) if refusal else (ct, "")
 
 
+# How a note begins: the PET-only model ran, or the main model ran without the CT it could use.
+_PET_ONLY, _NO_CT = "PET-only model: ", "without the CT: "
+
+
 def _choose_model(main: Enhancer, without_ct: Enhancer | None, why_no_ct: str) -> tuple[Enhancer, str]:
     """The model to run when no usable CT is there, and the note saying so (VolumeError if none can)."""
+    # A rerun passes the note the first run stored: its reason, not a second prefix.
+    why_no_ct = why_no_ct.removeprefix(_PET_ONLY).removeprefix(_NO_CT)
     if not main.info.requires_ct:
-        return main, f"{main.info.name} without a CT: {why_no_ct}"
+        return main, f"{_NO_CT}{why_no_ct}"
     if without_ct is None:
         raise VolumeError(f"{main.info.name} needs a CT and none is usable ({why_no_ct}); "
                           "model.checkpoint_without_ct is not set")
-    return without_ct, f"PET-only model: {why_no_ct}"
+    return without_ct, f"{_PET_ONLY}{why_no_ct}"
 
 
 def enhance_series(

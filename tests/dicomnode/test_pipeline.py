@@ -116,6 +116,13 @@ def test_an_enhancer_that_needs_a_ct_fails_without_one(tmp_path: Path) -> None:
     result = enhance_series(study.pet_paths, None, recorder, tmp_path / "out", output=OUTPUT,
                             without_ct=GaussianEnhancer(), no_ct_reason="the study has no CT series")
     assert result.ct_note == "PET-only model: the study has no CT series" and recorder.calls == 0
+    # A rerun of the job passes the note its first run stored.
+    rerun = enhance_series(study.pet_paths, None, recorder, tmp_path / "out", output=OUTPUT,
+                           without_ct=GaussianEnhancer(), no_ct_reason=result.ct_note)
+    assert rerun.ct_note == result.ct_note
+    optional = enhance_series(study.pet_paths, None, CtRecorder(), tmp_path / "out", output=OUTPUT,
+                              no_ct_reason=result.ct_note)
+    assert optional.ct_note == "without the CT: the study has no CT series"
 
 
 def test_a_ct_narrower_than_the_pet_box_but_around_the_body_is_used(tmp_path: Path) -> None:
