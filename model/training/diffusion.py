@@ -1,4 +1,4 @@
-"""Training from SPET only (paper §2, DESIGN.md §4): two stages and a calibration between them.
+"""Training from SPET only (paper §2): two stages and a calibration between them.
 
 1. **Autoencoder** E/D on SPET patches (a fraction of them Poisson-perturbed, so E also encodes
    the noisy images it will meet at inference): L1 + SSIM + KL (+ perceptual with a user's weights
@@ -92,16 +92,9 @@ class _Run:
 
     def __init__(self, settings: TrainSettings, dicom_loader: DicomLoader | None, on_step: Callable | None):
         settings.validate()
-        self.s = settings
+        self.settings = settings
         self.on_step = on_step
-        self.dist = Distributed.setup(settings.device)
-        self.device = resolve_device(settings.device, self.dist.local_rank)
-        self.precision = Precision(self.device, settings.amp)
-        torch.manual_seed(settings.seed * 1000 + self.dist.rank)
-        self.rng = np.random.default_rng([settings.seed, self.dist.rank])
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            settings.seed * 1000 + self.dist.rank + 1
-        )
+        self._set_up_runtime()
         self.out = Path(settings.out_dir)
         self.state_path = self.out / STATE_NAME
         self.t_start = time.monotonic()
@@ -118,20 +111,45 @@ class _Run:
         resumed = settings.resume and self.state_path.is_file()
         if settings.resume and not resumed:
             log.info("no training state to resume; starting afresh", extra={"fields": {"out": str(self.out)}})
+        self.config = self._start_config(resumed)
+        self._build_networks(reuse_init=settings.init is not None and not resumed)
         if resumed:
-            self.config = ModelConfig.from_json(read_training_meta(self.state_path)["config"])
-            if self.config.variant != settings.variant:
+            self._load_state()
+        self._build_sampling()
+
+    def _set_up_runtime(self) -> None:
+        """Processes (DDP under torchrun), device, precision and the seeded generators of this rank."""
+        settings = self.settings
+        self.dist = Distributed.setup(settings.device)
+        self.device = resolve_device(settings.device, self.dist.local_rank)
+        self.precision = Precision(self.device, settings.amp)
+        torch.manual_seed(settings.seed * 1000 + self.dist.rank)
+        self.rng = np.random.default_rng([settings.seed, self.dist.rank])
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            settings.seed * 1000 + self.dist.rank + 1
+        )
+
+    def _start_config(self, resumed: bool) -> ModelConfig:
+        """The saved state's config, else one reusing ``--init``'s autoencoder, else a fresh one."""
+        settings = self.settings
+        if resumed:
+            config = ModelConfig.from_json(read_training_meta(self.state_path)["config"])
+            if config.variant != settings.variant:
                 raise ValueError(
-                    f"the state in {self.out} trains {self.config.variant.value}, "
-                    f"not {settings.variant.value}"
+                    f"the state in {self.out} trains {config.variant.value}, not {settings.variant.value}"
                 )
-        elif settings.init is not None:
-            self.config = self._config_from_init(settings.init)
-        else:
-            total, count = self.dist.sum(list(fixed_scale_bqml(self.cases)), self.device)
-            self.config = config_for(settings, total / count, self._default_patch())
+            return config
+        if settings.init is not None:
+            return self._config_from_init(settings.init)
+        total, count = self.dist.sum(list(fixed_scale_bqml(self.cases)), self.device)
+        return config_for(settings, total / count, self._default_patch())
+
+    def _build_networks(self, *, reuse_init: bool) -> None:
+        """The model (with ``--init``'s trained autoencoder when ``reuse_init``), the discriminator,
+        the EMAs and the optimizers."""
+        settings = self.settings
         self.model = UPETeModel(self.config).to(self.device)
-        if settings.init is not None and not resumed:
+        if reuse_init:
             self.model.autoencoder.load_state_dict(load_checkpoint(settings.init).autoencoder.state_dict())
             self.meta = {"stage": "denoiser", "step": 0}
         self.disc = PatchDiscriminator(
@@ -150,16 +168,16 @@ class _Run:
         self.opt_unet = torch.optim.AdamW(
             self.model.diffusion.parameters(), lr=settings.unet_lr, weight_decay=0.0
         )
-        if resumed:
-            self._load_state()
 
-        with_ct = settings.variant.uses_ct
+    def _build_sampling(self) -> None:
+        """Patches of the cases, and the pool of perturbed slabs the forward process crops from."""
+        settings = self.settings
         self.sampler = PatchSampler(
             self.cases,
             patch=self.config.patch_size,
             scale_bqml=self.config.normalisation.scale_bqml,
             rng=self.rng,
-            with_ct=with_ct,
+            with_ct=settings.variant.uses_ct,
             minmax=self.config.normalisation.mode == "minmax",
         )
         self.pool = PerturbedPool(
@@ -183,7 +201,9 @@ class _Run:
         # E_CT mirrors E (same down-sampling and latent size), so it follows the reused autoencoder,
         # not this run's --ae-channels.
         sizes = dataclasses.replace(
-            self.s, ae_channels=init.autoencoder.channels, latent_channels=init.autoencoder.latent_channels
+            self.settings,
+            ae_channels=init.autoencoder.channels,
+            latent_channels=init.autoencoder.latent_channels,
         )
         config = config_for(sizes, init.normalisation.scale_bqml, init.patch_size)
         return dataclasses.replace(
@@ -197,8 +217,8 @@ class _Run:
         )
 
     def _default_patch(self) -> tuple[int, int, int]:
-        if self.s.patch_size is not None:
-            return tuple(self.s.patch_size)  # type: ignore[return-value]
+        if self.settings.patch_size is not None:
+            return tuple(self.settings.patch_size)  # type: ignore[return-value]
         return DEFAULT_PATCH_CUDA if self.device.type == "cuda" else DEFAULT_PATCH_CPU
 
     def _modules(self) -> dict[str, nn.Module]:
@@ -226,8 +246,8 @@ class _Run:
             # they neither replay their first run nor copy rank 0's.
             step = int(self.meta["step"])
             stage = 1 if self.meta["stage"] == "denoiser" else 0
-            self.rng = np.random.default_rng([self.s.seed, self.dist.rank, stage, step])
-            self.generator.manual_seed(hash((self.s.seed, self.dist.rank, stage, step)) & 0x7FFFFFFF)
+            self.rng = np.random.default_rng([self.settings.seed, self.dist.rank, stage, step])
+            self.generator.manual_seed(hash((self.settings.seed, self.dist.rank, stage, step)) & 0x7FFFFFFF)
         log.info("resumed", extra={"fields": {"stage": self.meta["stage"], "step": self.meta["step"]}})
 
     def save_state(self) -> None:
@@ -250,7 +270,7 @@ class _Run:
         return round(self.seconds_before + time.monotonic() - self.t_start, 1)
 
     def _maybe_save(self, last_save: float) -> float:
-        if time.monotonic() - last_save >= self.s.checkpoint_every_s:
+        if time.monotonic() - last_save >= self.settings.checkpoint_every_s:
             self.save_state()
             return time.monotonic()
         return last_save
@@ -260,9 +280,9 @@ class _Run:
         return {
             "cases": len(self.cases) * self.dist.world,
             "patch_size": list(self.config.patch_size),
-            "batch_size": self.s.batch_size,
+            "batch_size": self.settings.batch_size,
             "world_size": self.dist.world,
-            "seed": self.s.seed,
+            "seed": self.settings.seed,
             "recons": sorted({r.name for choices in self.pool.recons for r in choices}),
             **extra,
         }
@@ -270,7 +290,7 @@ class _Run:
     # --- stage 1 -----------------------------------------------------------------------------------
 
     def train_autoencoder(self) -> None:
-        s = self.s
+        s = self.settings
         ae = self.model.autoencoder.train()
         forward = self.dist.wrap(_AEForward(ae), self.device)
         disc = self.dist.wrap(self.disc.train(), self.device)
@@ -326,7 +346,7 @@ class _Run:
     # --- calibration -------------------------------------------------------------------------------
 
     def calibrate(self) -> None:
-        s = self.s
+        s = self.settings
         ae = self.model.autoencoder.eval()
         total, total_sq, count = self.dist.sum(
             list(latent_moments(ae, self.sampler, batches=8, batch_size=s.batch_size, device=self.device)),
@@ -385,7 +405,7 @@ class _Run:
             return (self.model.autoencoder.encode(x).mean * self.config.latent_scale).float()
 
     def train_denoiser(self) -> None:
-        s = self.s
+        s = self.settings
         self.model.autoencoder.eval().requires_grad_(False)
         diffusion = self.model.diffusion.train()
         loss_fn = self.dist.wrap(_DenoiserLoss(diffusion), self.device)
@@ -439,7 +459,7 @@ class _Run:
         path = save_checkpoint(
             self.out / f"upete-{self.config.variant.value}.safetensors",
             self.model,
-            self._final_config(denoiser_steps=self.s.denoiser_steps),
+            self._final_config(denoiser_steps=self.settings.denoiser_steps),
         )
         log.info(
             "model saved", extra={"fields": {"checkpoint": str(path), "variant": self.config.variant.value}}
