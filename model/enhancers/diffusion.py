@@ -3,7 +3,7 @@
 Per volume: resample to the model's 2 mm grid → normalise (Bq/ml ÷ the fixed scale, or min-max) →
 place the LPET on the schedule (t* from a known dose fraction, else from its measured noise and the
 checkpoint's noise curve) → for overlapping tiles of the **training patch size** (GroupNorm sees the
-statistics it was trained on; DESIGN.md §4): encode, sample from t*, decode → blend the tiles with
+statistics it was trained on): encode, sample from t*, decode → blend the tiles with
 Gaussian weights → invert the normalisation exactly → resample back onto the input grid.
 A volume that fits in one patch is done whole (padded with air). Same input + same seed → same output.
 """

@@ -1,4 +1,4 @@
-"""Score enhancers on simulated cases the way DESIGN.md §5 asks: per case, per dose, per method.
+"""Score enhancers on simulated cases: per case, per dose, per method, against both references.
 
 :func:`evaluate` runs every method on every case's LPET at every dose and scores the output against
 two references: the standard-dose PET (``"spet"``, noisy, as the paper scores) and the noiseless
@@ -409,7 +409,7 @@ def _reference_rows(case: EvalCase, cache: _Cache) -> dict[str, Any]:
 SCALARS = {"psnr_paper": True, "ssim_paper": True, "psnr_udpet": True, "ssim_udpet": True, "nrmse": False}
 #: Metrics whose LPET → ceiling gap is reported (against the SPET, where the ceiling is finite).
 GAP_METRICS = ("psnr_paper", "ssim_paper", "psnr_udpet", "nrmse")
-#: Lesion targets from DESIGN.md §5: |SUVmax bias| ≤ 10 %, |SUVmean bias| ≤ 5 %.
+#: Lesion targets (this project's acceptance criteria): |SUVmax bias| ≤ 10 %, |SUVmean bias| ≤ 5 %.
 LESION_TARGETS = {"suvmax_bias": 0.10, "suvmean_bias": 0.05}
 
 
@@ -427,7 +427,7 @@ def summarise(results: EvalResults) -> dict[str, Any]:
     Returns ``{"per_dose": {dose: {method: {...}}}, "ceiling": {...}, "spet_vs_expectation": {...}}``
     where each method entry has, per reference, every scalar metric's stats, ``gap_closed`` (SPET
     reference only; see :func:`_gap_stats`), and lesion stats over all lesions of all cases: signed
-    SUVmax/SUVmean bias and the fraction of lesions within the DESIGN.md targets. Non-finite values
+    SUVmax/SUVmean bias and the fraction of lesions within the targets. Non-finite values
     (the PSNR of a perfect match) are left out of means and counts.
     """
     by_key = {(r["case"], r["dose"], r["method"]): r for r in results.records}

@@ -2,7 +2,8 @@
 
 All volumes are ``(z, y, x)`` arrays in Bq/ml (any common scale works for every metric here except
 :func:`suv`, which needs Bq/ml). ``ref`` is the reference volume: the standard-dose PET (SPET, itself
-noisy, as the paper scores) or the noiseless expectation the simulator gives (DESIGN.md §5).
+noisy, as the paper scores) or the noiseless expectation the simulator gives (scores against it
+are free of the reference's own noise).
 
 Two families of PSNR/SSIM are computed, and they are *not* interchangeable:
 

@@ -1,4 +1,4 @@
-"""The paper's experiments on top of the quality run (issue #6): held-out reconstructions, sampler steps,
+"""The paper's experiments on top of the quality run: held-out reconstructions, sampler steps,
 and the sections that put them, the ablation and the comparison into the report.
 
 1. :func:`score_holdout`: uPETe and the supervised U-Net (the LPET as always) on a second test set

@@ -1,4 +1,4 @@
-"""The paper's tables for the quality report (issue #6): ablation, comparison, generalisation.
+"""The paper's tables for the quality report: ablation, comparison, generalisation.
 
 Inputs are :func:`model.evaluation.evaluate.summarise` dictionaries (and the per-case records for paired
 differences); nothing here runs a model. Every verdict line is computed from the numbers its table
@@ -33,7 +33,7 @@ __all__ = [
     "yes_no",
 ]
 
-#: Lesion target (DESIGN.md §5): mean SUVmax bias within ±10 %.
+#: Lesion target (this project's acceptance criterion): mean SUVmax bias within ±10 %.
 SUVMAX_TARGET = 0.10
 #: What "beats" is judged on, with the format each value prints in.
 BEAT_METRICS = {"psnr_paper": ".2f", "ssim_paper": ".4f"}

@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The paper's dose fractions (DESIGN.md §5).
+#: The paper's dose fractions.
 DEFAULT_DOSES = (0.5, 0.25, 0.1, 0.05, 0.02)
 
 #: ``sections(results, summary) → (Markdown lines, JSON data)``: report sections computed from the run.

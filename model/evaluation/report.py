@@ -45,7 +45,7 @@ METRIC_NOTES = """\
   (gap closed > 1) against the SPET. The noiseless-expectation columns are free of this effect.
 - **Lesions**: SUV = Bq/ml × weight [g] / injected activity [Bq]; per lesion mask, SUVmax = hottest voxel,
   SUVmean = mask mean; bias = (method − reference) / reference, signed, pooled over all lesions of all
-  cases. Targets (DESIGN.md §5): |SUVmax bias| ≤ 10 %, |SUVmean bias| ≤ 5 %.
+  cases. Targets (this project's acceptance criteria): |SUVmax bias| ≤ 10 %, |SUVmean bias| ≤ 5 %.
 - **Liver CoV** = std/mean in the liver eroded by 2 voxels (4 mm), lesions (dilated 2 voxels) excluded.
 - Values are mean ± std (population) over test cases.
 """

@@ -1,4 +1,4 @@
-"""Sampling steps vs quality (issue #6): a table, a PNG and the step count the report recommends.
+"""Sampling steps vs quality: a table, a PNG and the step count the report recommends.
 
 Scored on the *validation* cases: picking a default is model selection, and test cases are never used
 for a choice. The recommendation is the smallest step count whose mean PSNR (paper, vs SPET) is within

@@ -6,7 +6,7 @@ own standard-dose scans. Test cases are never seen here; :func:`tune` takes what
 given, and benchmarks/quality.py gives it the validation set only.
 
 PSNR-optimal is not lesion-optimal: a PSNR-tuned filter trades lesion contrast for smoothness, which
-the evaluation's lesion SUV biases then show (DESIGN.md §5).
+the evaluation's lesion SUV biases then show.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Image compression (paper §2.1): the KL autoencoder E/D, the CT encoder E_CT and a 3D patch discriminator.
 
 ``encode`` / ``decode`` are the only way in and out of the latent space. With ``channels`` of length
-L the compression factor is f = 2^(L−1): (16, 32, 64) gives f = 4 (the default, DESIGN.md §4),
+L the compression factor is f = 2^(L−1): (16, 32, 64) gives f = 4 (the default: small enough
+to train on two CPU cores),
 (32, 64) f = 2, (16, 32, 64, 64) f = 8. Inputs must have spatial sizes divisible by f (the enhancer pads).
 
 PET enters normalised (Bq/ml ÷ a fixed scale, see :mod:`model.networks.checkpoint`); CT enters windowed by
@@ -29,7 +30,7 @@ __all__ = [
     "window_ct",
 ]
 
-#: CT window of DESIGN.md §4: HU in [-1000, 1000] → [0, 1].
+#: The CT window: HU in [-1000, 1000] → [0, 1] (air to dense bone; metal saturates).
 CT_WINDOW_HU = (-1000.0, 1000.0)
 
 
@@ -199,7 +200,8 @@ class AutoencoderKL(nn.Module):
 
 @dataclass(frozen=True)
 class CTEncoderConfig:
-    """E_CT: same down-sampling as E (DESIGN.md §4), its own weights, deterministic output."""
+    """E_CT: same down-sampling as E (its latent lies on the PET latent's grid), its own weights,
+    deterministic output."""
 
     channels: tuple[int, ...] = (16, 32, 64)
     num_res_blocks: tuple[int, ...] = (1, 1, 1)

@@ -1,4 +1,4 @@
-"""Latent diffusion (paper §2.2, DESIGN.md §4): schedules, the z_0-predicting denoiser, loss and sampler.
+"""Latent diffusion (paper §2.2): schedules, the z_0-predicting denoiser, loss and sampler.
 
 Both schedules are written as ``z_t = a_t·z_0 + σ_t·noise`` on the scaled latent:
 
@@ -13,7 +13,7 @@ Both schedules are written as ``z_t = a_t·z_0 + σ_t·noise`` on the scaled lat
 The denoiser U predicts z_0 from (z_t, t, z_CT); it is wrapped with EDM-style preconditioning
 (Karras et al. 2022) in the effective noise ``s = σ_t / a_t`` of ``z_t / a_t``, which keeps the
 network's input and target at unit scale for every t and both schedules.
-The sampler (DESIGN.md §4) starts from the LPET latent at t* and steps
+The sampler starts from the LPET latent at t* (the LPET is a noisier state of the same chain) and steps
 ``z_t' = a_t'·ẑ_0 + (σ_t'/σ_t)(z_t − a_t·ẑ_0)`` (DDIM, η = 0); it outputs the last ẑ_0.
 """
 
@@ -300,7 +300,7 @@ class LatentDiffusion(nn.Module):
         z_ct: torch.Tensor | None,
         steps: int,
     ) -> torch.Tensor:
-        """Deterministic sampling from ``z_start`` at ``t_start`` (DESIGN.md §4); returns ẑ_0.
+        """Deterministic sampling from ``z_start`` at ``t_start`` (DDIM, η = 0); returns ẑ_0.
 
         For t = t* … in ``steps`` steps: ẑ_0 = U(z_t, t, z_CT), z_t' = a_t' ẑ_0 + (σ_t'/σ_t)(z_t − a_t ẑ_0).
         """
@@ -330,7 +330,7 @@ class LatentDiffusion(nn.Module):
         """The sampler's starting point for an LPET latent at Poisson step ``t_poisson``.
 
         Poisson variants start at z_LPET itself, t* = t_poisson. Gaussian variants (LDM, LDM-CT)
-        "noise the LPET latent to t*" (DESIGN.md §4): with σ_L the LPET's latent noise (from the
+        "noise the LPET latent to t*": with σ_L the LPET's latent noise (from the
         curve), they pick the t whose σ_t/a_t is σ_L·√(1 + ``renoise_ratio``) and add the Gaussian noise
         missing to reach it, so ``renoise_ratio`` is the injected variance over the LPET's own.
         """

@@ -5,7 +5,7 @@ the body of ``hp² / smooth``, where ``hp`` is the high-pass residual and ``smoo
 Reconstructed PET noise variance grows like activity / dose, so the index grows like 1 / dose and does
 not depend on the uptake pattern. It is biased (it also sees fine structure, and correlated noise
 only in part), which does not matter: the :class:`NoiseCurve` calibrates it against the schedule on
-the training data with the same estimator, and t* is read off that curve (DESIGN.md §4).
+the training data with the same estimator, and t* is read off that curve.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
 Not uPETe: it needs paired low- and standard-dose PET, which the paper's method does not, and it is
 trained at one dose fraction. It is here because the paper's strongest competitors are supervised
-(DESIGN.md §5), so the benchmark needs one of similar size to the uPETe denoiser.
+networks trained on paired scans, so the benchmark needs one of similar size to the uPETe denoiser.
 
 Network (:class:`SupervisedUNet`): ``SPET_norm ≈ LPET_norm + U(LPET_norm)``, a U-Net of
 :class:`~model.networks.layers.ResBlock` levels with stride-2 down- and nearest up-sampling, its last
 convolution zero-initialised so that an untrained network is the identity. Intensities are Bq/ml ÷
-a fixed, dose-independent ``scale_bqml`` (DESIGN.md §4: not per-patch min-max).
+a fixed, dose-independent ``scale_bqml`` (not per-patch min-max,
+which would discard the absolute activity that SUVs are read from).
 
 Enhancer (:class:`SupervisedEnhancer`): resample to the 2 mm grid → normalise → tiles of the
 training patch size (GroupNorm sees the statistics it was trained on), blended with Gaussian

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class NormalisationConfig:
-    """Intensity normalisation (DESIGN.md §4 Decision): PET_norm = Bq/ml ÷ ``scale_bqml``.
+    """Intensity normalisation: PET_norm = Bq/ml ÷ ``scale_bqml``.
 
     ``mode = "fixed"`` (default) uses the fixed, dose-independent scale; ``"minmax"`` (the paper's)
     maps each volume's [min, max] to [0, 1] and back. ``scale_bqml`` is set in both modes: the noise
@@ -171,8 +171,8 @@ def default_config(
     patch_size: tuple[int, int, int] = (64, 64, 64),
     **overrides: Any,
 ) -> ModelConfig:
-    """A consistent config for ``variant`` from a few sizes (DESIGN.md §4, "Sizes that train on two CPU
-    cores").
+    """A consistent config for ``variant`` from a few sizes (by default, sizes that train on two CPU
+    cores).
 
     CT cross-attention goes on the two coarsest U-Net levels; E_CT gets ``ct_channels`` (default: E's).
     """

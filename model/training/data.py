@@ -177,7 +177,7 @@ def fixed_scale_bqml(cases: Sequence[TrainingCase]) -> tuple[float, float]:
     """``(sum, count)`` of per-case median body activity (Bq/ml); the fixed scale is sum / count.
 
     Returned as a sum so DDP ranks can all-reduce before dividing. The median body activity is
-    close to SUV 1 for FDG, so normalised images read like SUVs (DESIGN.md §4 Decision).
+    close to SUV 1 for FDG, so normalised images read like SUVs.
     """
     total = 0.0
     for case in cases:

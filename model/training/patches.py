@@ -7,8 +7,8 @@ slices) at a random step t — counts in the sinogram, binomial thinning to d_t,
 :func:`model.physics.perturb` — and crops patches from them. Every crop is an exact sample of the
 forward chain at its t; reusing a slab for a few crops only correlates neighbouring samples, which
 ``refresh`` (slabs replaced per batch, may be fractional: 0.5 = one every other batch) trades against
-time. Reconstruction settings vary per slab
-(DESIGN.md §4: a model that has seen one noise texture loses much of its gain on another).
+time. Reconstruction settings vary per slab:
+a model that has seen one noise texture loses much of its gain on another.
 """
 
 from __future__ import annotations
