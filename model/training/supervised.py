@@ -182,35 +182,15 @@ def train_supervised(
     resumed = settings.resume and state_path.is_file()
     if settings.resume and not resumed:
         log.info("no training state to resume; starting afresh", extra={"fields": {"out": str(out)}})
-    if resumed:
-        config = SupervisedConfig.from_json(read_training_meta(state_path)["config"])
-        if abs(config.dose - settings.dose) > 1e-9:
-            raise ValueError(f"the state in {out} trains at dose {config.dose:g}, not {settings.dose:g}")
+    saved = _saved_config(state_path, settings) if resumed else None  # refused before any data is read
     cases = load_pairs(settings.data_dir, dose=settings.dose)
-    if not resumed:
-        total, count = fixed_scale_bqml([TrainingCase(c.name, c.spet, None) for c in cases])
-        config = SupervisedConfig(
-            channels=tuple(settings.channels),
-            res_blocks=settings.res_blocks,
-            norm_groups=settings.norm_groups,
-            patch_size=tuple(settings.patch_size),  # type: ignore[arg-type]
-            scale_bqml=total / count,
-            dose=settings.dose,
-        )
+    config = saved or _fresh_config(settings, cases)
     model = SupervisedUNet(config).to(device)
     ema = Ema(model, settings.ema_decay).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     start, losses, seconds_before = 0, [], 0.0
     if resumed:
-        meta, rng_state = load_training_state(
-            state_path, modules={"model": model, "ema": ema}, optimizers={"adam": optimizer}
-        )
-        start, losses = int(meta["step"]), list(meta.get("losses", []))
-        seconds_before = float(meta.get("seconds", 0.0))  # earlier invocations' training time
-        if "torch_cpu" in rng_state:
-            torch.set_rng_state(rng_state["torch_cpu"])
-        rng.bit_generator.state = meta["numpy_rng"]
-        log.info("resumed", extra={"fields": {"stage": "supervised", "step": start}})
+        start, losses, seconds_before = _restore(state_path, model, ema, optimizer, rng)
     sampler = PairSampler(cases, patch=config.patch_size, scale_bqml=config.scale_bqml, rng=rng)
 
     def save_state(step: int) -> None:
@@ -238,15 +218,8 @@ def train_supervised(
         lpet, spet = (t.to(device, non_blocking=True) for t in sampler.batch(settings.batch_size))
         for group in optimizer.param_groups:  # a function of the step only: resumes exactly
             group["lr"] = settings.lr * min(1.0, (step + 1) / max(settings.warmup_steps, 1))
-        with precision.autocast():
-            pred = model(lpet)
-        pred = pred.float()
-        loss = F.l1_loss(pred, spet)
-        if settings.ssim_weight:
-            loss = loss + settings.ssim_weight * ssim_loss(pred, spet)
-        precision.step(loss, optimizer, model.parameters(), clip=1.0)
+        value = _step(model, optimizer, precision, lpet, spet, ssim_weight=settings.ssim_weight)
         ema.update(model)
-        value = float(loss.detach())
         losses.append(value)
         progress.update(step + 1, value)
         if on_step:
@@ -270,3 +243,66 @@ def train_supervised(
     path = save_supervised(out / CHECKPOINT_NAME, ema.shadow, final)
     log.info("model saved", extra={"fields": {"checkpoint": str(path), "kind": "supervised"}})
     return SupervisedResult(path, losses)
+
+
+def _saved_config(state_path: Path, settings: SupervisedSettings) -> SupervisedConfig:
+    """The config of the state being resumed; refused when it trains at another dose."""
+    config = SupervisedConfig.from_json(read_training_meta(state_path)["config"])
+    if abs(config.dose - settings.dose) > 1e-9:
+        raise ValueError(
+            f"the state in {state_path.parent} trains at dose {config.dose:g}, not {settings.dose:g}"
+        )
+    return config
+
+
+def _fresh_config(settings: SupervisedSettings, cases: Sequence[PairCase]) -> SupervisedConfig:
+    """A new network's config: the settings' sizes and the cases' fixed Bq/ml scale."""
+    total, count = fixed_scale_bqml([TrainingCase(c.name, c.spet, None) for c in cases])
+    return SupervisedConfig(
+        channels=tuple(settings.channels),
+        res_blocks=settings.res_blocks,
+        norm_groups=settings.norm_groups,
+        patch_size=tuple(settings.patch_size),  # type: ignore[arg-type]
+        scale_bqml=total / count,
+        dose=settings.dose,
+    )
+
+
+def _restore(
+    state_path: Path,
+    model: SupervisedUNet,
+    ema: Ema,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+) -> tuple[int, list[float], float]:
+    """Load a saved state into the network, EMA, optimizer and generators; returns
+    ``(step, losses, seconds of earlier invocations)``."""
+    meta, rng_state = load_training_state(
+        state_path, modules={"model": model, "ema": ema}, optimizers={"adam": optimizer}
+    )
+    if "torch_cpu" in rng_state:
+        torch.set_rng_state(rng_state["torch_cpu"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    step = int(meta["step"])
+    log.info("resumed", extra={"fields": {"stage": "supervised", "step": step}})
+    return step, list(meta.get("losses", [])), float(meta.get("seconds", 0.0))
+
+
+def _step(
+    model: SupervisedUNet,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    lpet: torch.Tensor,
+    spet: torch.Tensor,
+    *,
+    ssim_weight: float,
+) -> float:
+    """One optimisation step on a batch: L1 (+ SSIM) of the prediction against the SPET; its loss."""
+    with precision.autocast():
+        pred = model(lpet)
+    pred = pred.float()
+    loss = F.l1_loss(pred, spet)
+    if ssim_weight:
+        loss = loss + ssim_weight * ssim_loss(pred, spet)
+    precision.step(loss, optimizer, model.parameters(), clip=1.0)
+    return float(loss.detach())
