@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from model.physics import (
     thin_counts,
 )
 from model.physics.filters import gaussian_filter_axial, gaussian_filter_inplane
-from model.simulation.phantom import ORGANS, generate_phantom
+from model.simulation.phantom import ORGANS, Phantom, generate_phantom
 
 __all__ = [
     "DEFAULT_DOSES",
@@ -135,6 +136,48 @@ def _check_doses(doses: Sequence[float]) -> tuple[float, ...]:
     return out
 
 
+def _seen_by_scanner(truth: torch.Tensor, scanner: ScannerModel, spacing: tuple[float, ...]) -> torch.Tensor:
+    """What the scanner sees: the object blurred by its intrinsic resolution, in-plane and axially."""
+    seen = gaussian_filter_inplane(truth, scanner.resolution_fwhm_mm, spacing[1], mode="zeros")
+    # Axially the body goes on beyond the volume: replicate, do not fade the end slices.
+    seen = gaussian_filter_axial(seen, scanner.resolution_fwhm_mm, spacing[0], mode="replicate")
+    return seen.clamp_min(0.0)
+
+
+def _phantom_meta(phantom: Phantom) -> dict[str, Any]:
+    """The patient, uptake, organs and lesions of a case, as its metadata records them."""
+    return {
+        "patient_weight_kg": phantom.patient_weight_kg,
+        "patient_height_m": phantom.patient_height_m,
+        "injected_activity_bq": phantom.injected_activity_bq,
+        "uptake_time_s": phantom.uptake_time_s,
+        "bqml_per_suv": phantom.bqml_per_suv,
+        "organ_suv": phantom.organ_suv,
+        "organs": {str(k): v for k, v in ORGANS.items()},
+        "lesions": [
+            {
+                "label": les.label,
+                "center_mm": list(les.center_mm),
+                "diameter_mm": les.diameter_mm,
+                "organ": les.organ,
+                "contrast": les.contrast,
+                "suv": les.suv,
+            }
+            for les in phantom.lesions
+        ],
+    }
+
+
+def _trues_per_slice(mean: torch.Tensor, phantom: Phantom, scanner: ScannerModel) -> dict[str, float]:
+    """Median and largest expected true counts per body slice at standard dose (the count level)."""
+    trues = (mean.sum(dim=(-2, -1)) / (1 + scanner.background_fraction)).cpu().numpy()
+    body_slices = trues[phantom.body_mask.any(axis=(1, 2))]
+    return {
+        "median": float(np.median(body_slices)) if body_slices.size else 0.0,
+        "max": float(body_slices.max()) if body_slices.size else 0.0,
+    }
+
+
 def simulate_case(
     seed: int,
     *,
@@ -163,13 +206,7 @@ def simulate_case(
     projector = get_projector(shape[1], pixel_size_mm=spacing[1], device=dev)
     generator = torch.Generator(device=dev).manual_seed(int(seed) * 7919 + 17)
 
-    truth = torch.from_numpy(phantom.activity_bqml).to(dev)
-    # What the scanner sees: the object blurred by its intrinsic resolution, in-plane and axially.
-    seen = gaussian_filter_inplane(truth, scanner.resolution_fwhm_mm, spacing[1], mode="zeros")
-    # Axially the body goes on beyond the volume: replicate, do not fade the end slices.
-    seen = gaussian_filter_axial(seen, scanner.resolution_fwhm_mm, spacing[0], mode="replicate").clamp_min(
-        0.0
-    )
+    seen = _seen_by_scanner(torch.from_numpy(phantom.activity_bqml).to(dev), scanner, spacing)
     attenuation = None
     if use_mumap:
         mu = mu_map_from_ct(torch.from_numpy(phantom.ct_hu).to(dev))
@@ -193,8 +230,6 @@ def simulate_case(
         d: (spet if d == 1.0 else recon_volume(thin_counts(counts, d, generator=generator), d)) for d in doses
     }
 
-    trues_per_slice = (mean.sum(dim=(-2, -1)) / (1 + scanner.background_fraction)).cpu().numpy()
-    body_slices = trues_per_slice[phantom.body_mask.any(axis=(1, 2))]
     meta = {
         "format_version": FORMAT_VERSION,
         "seed": int(seed),
@@ -205,28 +240,8 @@ def simulate_case(
         "recon_name": recon.name,
         "scanner": scanner.to_dict(),
         "use_mumap": bool(use_mumap),
-        "patient_weight_kg": phantom.patient_weight_kg,
-        "patient_height_m": phantom.patient_height_m,
-        "injected_activity_bq": phantom.injected_activity_bq,
-        "uptake_time_s": phantom.uptake_time_s,
-        "bqml_per_suv": phantom.bqml_per_suv,
-        "organ_suv": phantom.organ_suv,
-        "organs": {str(k): v for k, v in ORGANS.items()},
-        "lesions": [
-            {
-                "label": les.label,
-                "center_mm": list(les.center_mm),
-                "diameter_mm": les.diameter_mm,
-                "organ": les.organ,
-                "contrast": les.contrast,
-                "suv": les.suv,
-            }
-            for les in phantom.lesions
-        ],
-        "standard_dose_trues_per_slice": {
-            "median": float(np.median(body_slices)) if body_slices.size else 0.0,
-            "max": float(body_slices.max()) if body_slices.size else 0.0,
-        },
+        **_phantom_meta(phantom),
+        "standard_dose_trues_per_slice": _trues_per_slice(mean, phantom, scanner),
         "simulation_seconds": round(time.perf_counter() - started, 2),
     }
     return SimCase(
