@@ -6,6 +6,10 @@ into ``<root>/outputs/job-<id>/`` (emptied first, so a rerun after a crash leave
 every output file and the folder fsynced → ``sending``. Unusable input (:class:`VolumeError`) fails
 the job with the pipeline's reason; anything unexpected fails it with the exception, logged.
 
+Which model runs is the pipeline's decision, not the job's: the main model when the job's CT covers
+the patient (or the model needs none), else the PET-only model. The job row then records the model
+that ran (checkpoint file, name, digest), its variant, and why the CT was not used.
+
 Enhancers are built once per process (:class:`Enhancers`): loading a diffusion checkpoint takes
 seconds and memory, a job must not pay it.
 """
