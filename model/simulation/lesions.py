@@ -83,21 +83,10 @@ def add_lesions(
         if flat.size < 8:
             continue
         centre = np.array(np.unravel_index(flat[rng.integers(flat.size)], labels.shape))
-        diameter = float(math.exp(rng.uniform(math.log(4.0), math.log(30.0))))
-        radius = diameter / 2
-        axes = rng.uniform(0.8, 1.25, size=3)
-        axes /= np.prod(axes) ** (1 / 3)  # equivalent-sphere diameter stays ``diameter``
-        reach = np.ceil(radius * axes.max() / vox + 1).astype(int)
-        lo = np.maximum(centre - reach, 0)
-        hi = np.minimum(centre + reach + 1, labels.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        offs = [((np.arange(lo[i], hi[i]) - centre[i]) * vox[i] / (radius * axes[i])) for i in range(3)]
-        dist = np.sqrt(
-            offs[0][:, None, None] ** 2 + offs[1][None, :, None] ** 2 + offs[2][None, None, :] ** 2
-        )
+        blob = _draw_blob(rng, centre, vox, labels.shape)
+        box, dist, diameter = blob.box, blob.dist, blob.diameter
         mask = dist <= 1.0
-        clipped = any(lo[i] > centre[i] - reach[i] or hi[i] < centre[i] + reach[i] + 1 for i in range(3))
-        if clipped or (labels[box][mask] == 0).any() or (lesion_labels[box][dist <= 1.5] > 0).any():
+        if blob.clipped or (labels[box][mask] == 0).any() or (lesion_labels[box][dist <= 1.5] > 0).any():
             continue  # reaching out of the body or the grid, or touching an earlier lesion
         host_mask = candidates[box] & mask
         if host_mask.sum() < 0.5 * mask.sum():
@@ -106,7 +95,7 @@ def add_lesions(
         contrast = float(rng.uniform(2.0, 10.0))
         suv = contrast * organ_suv[host_name]
         # Partial volume: a one-voxel linear ramp at the edge (in units of the mean voxel side).
-        edge = radius * float(axes.mean()) / float(vox.mean())
+        edge = diameter / 2 * float(blob.axes.mean()) / float(vox.mean())
         weight = np.clip((1.0 - dist) * edge + 0.5, 0.0, 1.0) * (labels[box] > 0)  # no activity in air
         region = activity_suv[box]
         region[...] = region * (1 - weight) + suv * weight
@@ -122,11 +111,47 @@ def add_lesions(
                 suv=round(suv, 3),
             )
         )
-        hu_shift = _LESION_HU[site]
-        if site == "lung":
-            ct[box][mask] = rng.uniform(20.0, 45.0)  # a soft-tissue nodule in air-filled lung
-        elif site == "bone":
-            ct[box][mask] = ct[box][mask] + rng.choice([-250.0, 300.0])  # lytic or sclerotic
-        else:
-            ct[box][mask] = ct[box][mask] + hu_shift
+        _paint_ct(rng, ct, box, mask, site)
     return lesion_labels, lesions
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """A drawn lesion shape: its ``box`` in the volume, the normalised distance ``dist`` (≤ 1 inside)
+    over the box, its axes' stretch, and whether the volume's edge ``clipped`` the box."""
+
+    box: tuple[slice, ...]
+    dist: np.ndarray
+    diameter: float
+    axes: np.ndarray
+    clipped: bool
+
+
+def _draw_blob(
+    rng: np.random.Generator, centre: np.ndarray, vox: np.ndarray, shape: tuple[int, ...]
+) -> _Blob:
+    """An ellipsoid at ``centre`` (voxels) of log-uniform 4–30 mm equivalent-sphere diameter."""
+    diameter = float(math.exp(rng.uniform(math.log(4.0), math.log(30.0))))
+    radius = diameter / 2
+    axes = rng.uniform(0.8, 1.25, size=3)
+    axes /= np.prod(axes) ** (1 / 3)  # equivalent-sphere diameter stays ``diameter``
+    reach = np.ceil(radius * axes.max() / vox + 1).astype(int)
+    lo = np.maximum(centre - reach, 0)
+    hi = np.minimum(centre + reach + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    offs = [((np.arange(lo[i], hi[i]) - centre[i]) * vox[i] / (radius * axes[i])) for i in range(3)]
+    dist = np.sqrt(offs[0][:, None, None] ** 2 + offs[1][None, :, None] ** 2 + offs[2][None, None, :] ** 2)
+    clipped = any(lo[i] > centre[i] - reach[i] or hi[i] < centre[i] + reach[i] + 1 for i in range(3))
+    return _Blob(box, dist, diameter, axes, clipped)
+
+
+def _paint_ct(
+    rng: np.random.Generator, ct: np.ndarray, box: tuple[slice, ...], mask: np.ndarray, site: str
+) -> None:
+    """The lesion's CT appearance, in place: a nodule in lung, lytic or sclerotic in bone, else a shift."""
+    if site == "lung":
+        ct[box][mask] = rng.uniform(20.0, 45.0)  # a soft-tissue nodule in air-filled lung
+    elif site == "bone":
+        ct[box][mask] = ct[box][mask] + rng.choice([-250.0, 300.0])  # lytic or sclerotic
+    else:
+        ct[box][mask] = ct[box][mask] + _LESION_HU[site]
