@@ -87,6 +87,10 @@ def test_a_50cm_ct_in_a_wider_pet_field_of_view_guides_the_model_and_a_short_one
     assert missed["variant"] == "without_ct" and missed["model"]["name"] == "uPETe LDM-P"
     assert missed["ct_note"].startswith(f"PET-only model: {reason}")
     audit = (tmp_path / "audit.log").read_text()
+    [paired] = [line for line in audit.splitlines()
+                if "event=ct_paired" in line and f"study_uid={covered.study.study_uid}" in line]
+    box = float(paired.split("box_coverage=")[1].split()[0])
+    assert box < 0.8  # a rule over the PET's box (at least 90 %) would have refused this CT
     assert f'to=sending reason="PET-only model: {reason}' in audit
     assert "enhancing without the CT" in log and reason in log
 
