@@ -1,0 +1,342 @@
+"""Transfer benchmark: the shipped models on the transfer test set, through the node's own path.
+
+    .venv/bin/python benchmarks/transfer.py [--cases 2] [--styles all] [--doses 0.1] [--steps N]
+
+For each scanner style (model/evaluation/transfer/styles.py) and case (seeds 900000, 900001, …: the
+same patient drawn for every style, shrunk where it does not fit the style's field of view), the
+transfer generator makes the truth, the noiseless expectation, the SPET and the LPET at each dose. The
+LPET goes out as a DICOM PET series and the CT as a CT series (dicomnode.testing.scanner); the CT's
+50 cm field of view is padded with air (−1000 HU) to the PET's where the PET's is wider, as a
+scanner's extended-FOV CTAC does, so that the node's coverage rule admits it. The node's path
+``dicomnode.pipeline.enhance_series`` runs LDM-P-CT (with the CT) and LDM-P (without), dose unknown
+to the model, default steps; the derived series is read back with ``dicomnode.volume.load_series``.
+
+Scores, all against the **noiseless expectation** inside the body (voxels at least half inside the
+phantom's outline), on the PET grid:
+
+* PSNR = 10·log10(peak² / MSE), peak = the expectation's maximum in the body, MSE over body voxels.
+* Gap closed = 1 − MSE(method) / MSE(LPET): the fraction of the LPET's squared error removed (1 = the
+  expectation itself, 0 = no better than the LPET, < 0 = worse). In MSE terms because a PSNR
+  ceiling against the expectation is infinite.
+* The rival: the best Gaussian per case, its FWHM chosen on a 0–12 mm grid (1 mm steps) by the MSE
+  against the expectation: chosen with the truth in hand, a bound no site can reach.
+* The SPET (100 %) column: the standard-dose reconstruction's PSNR, the noise floor of a full scan.
+* Lesion SUVmax / SUVmean bias of each method against the expectation's, for every lesion of
+  equivalent diameter ≥ 10 mm.
+
+Writes benchmarks/results/transfer.md and transfer.json (command, machine, load, date). The
+transfer set is never used for training or any choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"LDM-P-CT": ROOT / "model/weights/upete-ldm-p-ct.safetensors",
+          "LDM-P": ROOT / "model/weights/upete-ldm-p.safetensors"}
+GAUSSIAN_FWHM_GRID_MM = tuple(float(f) for f in range(0, 13))
+MIN_LESION_MM = 10.0
+AIR_HU = -1000.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", type=int, default=2, help="cases per style (seeds 900000+; default 2)")
+    p.add_argument("--styles", default="all", help="comma-separated style names (default: all six)")
+    p.add_argument("--doses", default="0.1", help="dose fractions, e.g. 0.02,0.05,0.1,0.25,0.5 (default 0.1)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's own)")
+    p.add_argument("--device", default="auto", help="torch device of the models (default auto)")
+    p.add_argument("--save-cases", metavar="DIR", help="also save each generated case (save_case) here")
+    p.add_argument("--work", default=str(ROOT / "data" / "transfer"),
+                   help="scored rows are kept here and reused by a rerun (default data/transfer)")
+    p.add_argument("--out", default=str(RESULTS / "transfer"), help="results path without suffix")
+    return p
+
+
+def _padded_ct(ct: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
+               pet_half_extent_mm: float) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The CT padded in-plane with air so that it spans the PET's field of view (origin moved to match)."""
+    pixel = float(spacing[1])
+    ct_half = (ct.shape[1] / 2.0) * pixel
+    pad = max(0, int(np.ceil((pet_half_extent_mm - ct_half) / pixel)))
+    if pad == 0:
+        return ct, (float(origin[0]), float(origin[1]), float(origin[2]))
+    padded = np.pad(ct, ((0, 0), (pad, pad), (pad, pad)), constant_values=AIR_HU)
+    return padded, (origin[0] - pad * pixel, origin[1] - pad * pixel, float(origin[2]))
+
+
+def _write_study(case: Any, dose: float, folder: Path) -> tuple[list[Path], list[Path]]:
+    """The case's LPET at ``dose`` and its CT as DICOM series of one study; returns (PET, CT) paths."""
+    from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
+
+    # Injection one hour before the scan: the generator's uptake time, so the SUV scale matches.
+    study = StudyInfo(patient_name="TRANSFER^CASE", patient_id=f"TR{case.seed}", weight_kg=case.weight_kg,
+                      injected_activity_bq=case.injected_bq, injection_time="083000",
+                      acquisition_time="093000")
+    pet_half = case.truth.shape[2] * case.pet_spacing_mm[2] / 2.0
+    ct, ct_origin = _padded_ct(case.ct_hu, case.ct_spacing_mm, case.ct_origin_mm, pet_half)
+    ct_paths = write_ct_series(folder / "ct", ct, spacing_mm=case.ct_spacing_mm, origin_mm=ct_origin,
+                               study=study)
+    pet_paths = write_pet_series(folder / "pet", case.lpet[dose], spacing_mm=case.pet_spacing_mm,
+                                 origin_mm=case.pet_origin_mm, study=study, dose_fraction_note=dose,
+                                 series_description=f"PET AC {case.style}")
+    return pet_paths, ct_paths
+
+
+def _read(paths: Sequence[Path], shape: tuple[int, ...]) -> np.ndarray:
+    import SimpleITK as sitk
+
+    from dicomnode.volume import load_series
+
+    array = sitk.GetArrayFromImage(load_series(paths).image).astype(np.float32)
+    if array.shape != shape:
+        raise RuntimeError(f"series read back as {array.shape}, the case is {shape}")
+    return array
+
+
+def _lesion_bias(x: np.ndarray, case: Any, labels: np.ndarray) -> dict[str, float | None]:
+    from model.evaluation.metrics import lesion_suv_bias
+
+    if not labels.any():
+        return {"suvmax_mean": None, "suvmax_worst": None, "suvmean_mean": None}
+    # The injected activity decayed to the scan start, so SUVs are the case's own (bias is a ratio anyway).
+    injected = case.bqml_per_suv * case.weight_kg * 1000.0
+    biases = lesion_suv_bias(x, case.expectation, labels, weight_kg=case.weight_kg, injected_bq=injected)
+    smax = [b.suvmax_bias for b in biases]
+    return {"suvmax_mean": float(np.mean(smax)), "suvmax_worst": float(smax[int(np.argmax(np.abs(smax)))]),
+            "suvmean_mean": float(np.mean([b.suvmean_bias for b in biases]))}
+
+
+def score_case(case: Any, dose: float, outputs: dict[str, np.ndarray], lpet: np.ndarray) -> dict[str, Any]:
+    """Every method's PSNR, gap closed and lesion biases for one case and dose (module doc)."""
+    from model.evaluation.metrics import psnr
+    from model.evaluation.transfer import gaussian_fwhm
+
+    ref, body = case.expectation, case.body
+    peak = float(ref[body].max())
+
+    def mse(x: np.ndarray) -> float:
+        return float(np.mean((x[body].astype(np.float64) - ref[body]) ** 2))
+
+    smoothed = {f: gaussian_fwhm(lpet, f, case.pet_spacing_mm) for f in GAUSSIAN_FWHM_GRID_MM}
+    best_fwhm = min(smoothed, key=lambda f: mse(smoothed[f]))
+    methods = {"LPET": lpet, "Gaussian": smoothed[best_fwhm], **outputs}
+    big = [les.index for les in case.lesions if les.diameter_mm >= MIN_LESION_MM]
+    labels = np.where(np.isin(case.lesion_labels, big), case.lesion_labels, 0)
+    lpet_mse = mse(lpet)
+    row: dict[str, Any] = {"style": case.style, "seed": case.seed, "dose": dose, "peak_bqml": peak,
+                           "gaussian_fwhm_mm": best_fwhm, "lesions_scored": len(big),
+                           "spet_psnr": psnr(case.spet, ref, data_range=peak, mask=body), "methods": {}}
+    for name, x in methods.items():
+        row["methods"][name] = {"psnr": psnr(x, ref, data_range=peak, mask=body),
+                                "gap_closed": 1.0 - mse(x) / lpet_mse, **_lesion_bias(x, case, labels)}
+    return row
+
+
+def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str, Any],
+             save_dir: str | None) -> list[dict[str, Any]]:
+    """Generate one case, send each dose's LPET through the node's path with every model, score it."""
+    from dicomnode.config import OutputSettings
+    from dicomnode.pipeline import enhance_series
+    from model.evaluation.transfer import generate_case, save_case
+
+    started = time.perf_counter()
+    case = generate_case(style, seed, doses=tuple(doses))
+    generated = time.perf_counter() - started
+    if save_dir:
+        save_case(case, Path(save_dir) / f"{style}-{seed}")
+    rows = []
+    for dose in doses:
+        with tempfile.TemporaryDirectory(prefix="upete-transfer-") as tmp:
+            folder = Path(tmp)
+            pet_paths, ct_paths = _write_study(case, dose, folder)
+            lpet = _read(pet_paths, case.truth.shape)
+            outputs, seconds = {}, {}
+            for name, enhancer in enhancers.items():
+                started = time.perf_counter()
+                result = enhance_series(pet_paths, ct_paths if enhancer.info.uses_ct else None, enhancer,
+                                        folder / f"out-{name}", output=OutputSettings(preview=False))
+                seconds[name] = time.perf_counter() - started
+                if enhancer.info.uses_ct and not result.ct_used:
+                    raise RuntimeError(f"{name} ran without the CT on {style} case {seed}")
+                outputs[name] = _read(result.paths, case.truth.shape)
+        row = score_case(case, dose, outputs, lpet)
+        row["seconds"] = {"generate": generated, **seconds}
+        rows.append(row)
+        m = row["methods"]
+        print(f"{style} {seed} dose {dose:g}: LPET {m['LPET']['psnr']:.2f} dB, Gaussian "
+              f"{m['Gaussian']['psnr']:.2f} dB ({row['gaussian_fwhm_mm']:g} mm), "
+              + ", ".join(f"{k} {m[k]['psnr']:.2f} dB (gap {m[k]['gap_closed']:+.0%})" for k in enhancers),
+              flush=True)
+    return rows
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def summarise(rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dose and style: case means of every score, and the worst lesion bias over the cases."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(f"{row['dose']:g}", {}).setdefault(row["style"], {"rows": []})["rows"].append(row)
+    for by_style in out.values():
+        for entry in by_style.values():
+            rs = entry.pop("rows")
+            entry["cases"] = len(rs)
+            entry["spet_psnr"] = _mean([r["spet_psnr"] for r in rs])
+            entry["gaussian_fwhm_mm"] = [r["gaussian_fwhm_mm"] for r in rs]
+            entry["lesions_scored"] = sum(r["lesions_scored"] for r in rs)
+            for name in ("LPET", "Gaussian", *methods):
+                scores = [r["methods"][name] for r in rs]
+                worst = [s["suvmax_worst"] for s in scores if s["suvmax_worst"] is not None]
+                entry[name] = {key: _mean([s[key] for s in scores])
+                               for key in ("psnr", "gap_closed", "suvmax_mean", "suvmean_mean")}
+                entry[name]["suvmax_worst"] = worst[int(np.argmax(np.abs(worst)))] if worst else None
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v * 100:+.1f} %"
+
+
+def _db(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[str]) -> str:
+    """The Markdown report: one image-quality and one lesion table per dose, the worst style named."""
+    lines = ["# Transfer benchmark: the shipped models on a second generator's scanner styles", "",
+             f"Command: {header['command']}", "",
+             f"Machine: {header['machine']}; load average {header['load_before']} before, "
+             f"{header['load_after']} after (a shared machine); {header['date']}; "
+             f"{header['wall_minutes']:.1f} min.", "",
+             "Styles (model/evaluation/transfer/styles.py):", ""]
+    lines += [f"- **{name}**: {text}" for name, text in header["styles"].items()]
+    lines += ["", f"Cases: seeds {header['seeds']} (the transfer set, never used for training or any "
+              "choice). Models through `dicomnode.pipeline.enhance_series`, dose unknown to them, default "
+              "steps; LDM-P-CT with the study's CT, LDM-P without.", "",
+              "PSNR in dB against the **noiseless expectation** (the style's reconstruction of the noiseless "
+              "sinogram), peak = its maximum in the body, MSE over body voxels. **Gap closed** = "
+              "1 − MSE(method)/MSE(LPET) against the expectation (1 = the expectation, 0 = the LPET, "
+              "negative = worse than the LPET). **Best Gaussian**: FWHM chosen per case with the truth in "
+              "hand (0–12 mm). SPET: the full-dose reconstruction, the noise floor of a real scan. Lesion "
+              f"bias: SUVmax/SUVmean against the expectation's, lesions ≥ {MIN_LESION_MM:g} mm, mean over "
+              "lesions and cases (worst single lesion in brackets).", ""]
+    for dose, by_style in summary.items():
+        lines += [f"## Dose {float(dose) * 100:g} %", "",
+                  "| style | cases | LPET | SPET (100 %) | best Gaussian (FWHM mm) | "
+                  + " | ".join(methods) + " | gap closed: Gaussian | "
+                  + " | ".join(f"gap closed: {m}" for m in methods) + " |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * len(methods) + "---:|" + "---:|" * len(methods)]
+        for style, e in by_style.items():
+            fwhm = ", ".join(f"{f:g}" for f in e["gaussian_fwhm_mm"])
+            lines.append(f"| {style} | {e['cases']} | {_db(e['LPET']['psnr'])} | {_db(e['spet_psnr'])} | "
+                         f"{_db(e['Gaussian']['psnr'])} ({fwhm}) | "
+                         + " | ".join(_db(e[m]["psnr"]) for m in methods)
+                         + f" | {_pct(e['Gaussian']['gap_closed'])} | "
+                         + " | ".join(_pct(e[m]["gap_closed"]) for m in methods) + " |")
+        names = ("LPET", "Gaussian", *methods)
+        lines += ["", "Lesion SUVmax bias (SUVmean bias) against the expectation:", "",
+                  "| style | lesions ≥ 10 mm | " + " | ".join(names) + " |",
+                  "|---|---:|" + "---|" * len(names)]
+        for style, e in by_style.items():
+            cells = [f"{_pct(e[n]['suvmax_mean'])} [{_pct(e[n]['suvmax_worst'])}] "
+                     f"({_pct(e[n]['suvmean_mean'])})" for n in names]
+            lines.append(f"| {style} | {e['lesions_scored']} | " + " | ".join(cells) + " |")
+        lines += ["", *_verdict(by_style, methods), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(by_style: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """The worst style per model, and where the model beats the best Gaussian (a model is as good as
+    its worst scanner style)."""
+    out = []
+    for m in methods:
+        gaps = {s: e[m]["gap_closed"] for s, e in by_style.items() if e[m]["gap_closed"] is not None}
+        if not gaps:
+            continue
+        worst = min(gaps, key=lambda s: gaps[s])
+        wins = [s for s, e in by_style.items() if e[m]["psnr"] > e["Gaussian"]["psnr"]]
+        margin = by_style[worst][m]["psnr"] - by_style[worst]["Gaussian"]["psnr"]
+        out.append(f"- **{m}**: worst style **{worst}** (gap closed {_pct(gaps[worst])}, "
+                   f"{margin:+.2f} dB against the best Gaussian); above the best Gaussian on {len(wins)} of "
+                   f"{len(by_style)} styles"
+                   + (f" ({', '.join(wins)})" if wins else "") + ". A model is as good as its worst scanner "
+                   "style.")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from model.enhance import InferenceOptions, load_enhancer
+    from model.evaluation.machine import machine_description
+    from model.evaluation.transfer import SEED_BASE, STYLES
+
+    styles = list(STYLES) if args.styles == "all" else [s.strip() for s in args.styles.split(",")]
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown:
+        raise SystemExit(f"unknown style(s) {unknown}; known: {', '.join(STYLES)}")
+    doses = [float(d) for d in args.doses.split(",")]
+    if args.cases < 1 or any(not 0 < d <= 1 for d in doses):
+        raise SystemExit(f"need --cases >= 1 and doses in (0, 1], found {args.cases} and {doses}")
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    started = time.time()
+    options = InferenceOptions(device=args.device, steps=args.steps)  # dose_fraction None: unknown
+    enhancers = {name: load_enhancer(str(path), options=options) for name, path in MODELS.items()}
+    seeds = [SEED_BASE + k for k in range(args.cases)]
+    methods = list(enhancers)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for style in styles:
+        for seed in seeds:
+            # One file per case and dose set: a rerun after a crash or a timeout skips the cases done.
+            kept = work / f"{style}-{seed}-{'_'.join(f'{d:g}' for d in doses)}-{args.steps or 'default'}.json"
+            if kept.is_file():
+                rows += json.loads(kept.read_text())
+                continue
+            case_rows = run_case(style, seed, doses, enhancers, args.save_cases)
+            kept.write_text(json.dumps(case_rows))
+            rows += case_rows
+    summary = summarise(rows, methods)
+    command_args = sys.argv[1:] if argv is None else argv
+    header = {
+        "command": f"`.venv/bin/python benchmarks/transfer.py {' '.join(command_args)}`",
+        "machine": machine_description(),
+        "load_before": load_before,
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_minutes": (time.time() - started) / 60.0,
+        "styles": {s: STYLES[s].describe() for s in styles},
+        "seeds": seeds,
+        "models": {name: str(path.relative_to(ROOT)) for name, path in MODELS.items()},
+        "steps": args.steps,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
+    out.with_suffix(".md").write_text(report(summary, header, methods))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
