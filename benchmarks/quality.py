@@ -202,12 +202,63 @@ def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: P
     return holdout, steps
 
 
+def _report_header(
+    args: argparse.Namespace, command: str, *, load: float, test: list, models: list, ablation_only: dict,
+    methods: list[str],
+) -> dict[str, str]:
+    """The report's header: how it was run, on what, with which simulation, baselines and models."""
+    from model.enhancers.classical import METHODS
+    from model.evaluation.machine import machine_description
+    from model.evaluation.trained_models import training_header
+
+    shape, data = args.shape_zyx, Path(args.data)
+    grids = {m: dict(METHODS[m].grid) for m in methods if m in METHODS and METHODS[m].grid}
+    return {
+        "command": f"`{command}`",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{machine_description()}; load average {load:.1f} at the start (a shared machine: "
+                   "timings are indicative)",
+        "phantoms": f"{shape[0]}×{shape[1]}×{shape[2]} voxels of 2 mm (z, y, x), model.phantom; "
+                    "test seeds 200000+, validation seeds 100000+"
+                    + (", held-out-reconstruction test seeds 300000+" if args.holdout_cases else "")
+                    + " (training uses seeds from 0)",
+        "simulation": "model.simulation.dataset.simulate_case: resolution 4 mm, CT attenuation, "
+                      "Poisson counts at standard dose, every dose a binomial thinning of that acquisition "
+                      "(LPET and SPET share counts, as list-mode subsampling does); reconstruction per case "
+                      + ("from the held-out pool" if args.holdout_recons else "from the standard pool"),
+        "test case reconstructions": _case_summary(test),
+        **({"held-out test case reconstructions": _case_summary(_seeded(
+            data / "test_holdout", [HOLDOUT_SEED0 + i for i in range(args.holdout_cases)]))}
+           if args.holdout_cases else {}),
+        "baselines": "NLM 3³ patches ±3 search (scikit-image, fast mode); BM4D 'fast' profile on √activity "
+                     "(hard thresholding only, 4-voxel steps, ±4 search); CT bilateral piecewise-linear "
+                     "in HU (levels σr/2 apart); "
+                     f"tuning grids: {grids}",
+        "tuning": "per dose on the validation cases' "
+                  + (f"central {args.tune_slices} slices" if args.tune_slices else "slices, all of them"),
+        **training_header(models),
+        **({"ablation variants": f"{', '.join(m.label for m in models if m.key in ablation_only)} scored at "
+            f"{', '.join(f'{100 * d:g} %' for d in _floats(args.ablation_doses))} only (--ablation-doses)"}
+           if ablation_only else {}),
+        **{f"note {i + 1}" if len(args.note) > 1 else "note": n for i, n in enumerate(args.note)},
+    }
+
+
+def _record_wall_time(report: Path, *, total_s: float, simulation_s: float) -> None:
+    """Add how long this invocation took (a resumed run counts only its own work) as the header's last
+    line: the first section heading follows the header."""
+    text = report.read_text().replace(
+        "\n\n## ",
+        f"\n- **wall time of this run**: {total_s / 60:.1f} min (simulation {simulation_s / 60:.1f} min); "
+        "cached work from earlier runs is not counted\n\n## ", 1)
+    report.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from model.enhancers.classical import METHODS
     from model.evaluation.paper import paper_sections
-    from model.evaluation.quality import LABELS, machine_description, run_quality
-    from model.evaluation.trained_models import find_checkpoints, models_title, training_header
+    from model.evaluation.quality import LABELS, run_quality
+    from model.evaluation.trained_models import find_checkpoints, models_title
 
     shape = args.shape_zyx = tuple(int(v) for v in args.shape.split(","))
     doses = _floats(args.doses)
@@ -242,36 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    grids = {m: dict(METHODS[m].grid) for m in methods if m in METHODS and METHODS[m].grid}
-    header = {
-        "command": f"`{_command_line(argv if argv is not None else sys.argv[1:])}`",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{machine_description()}; load average {load:.1f} at the start (a shared machine: "
-                   "timings are indicative)",
-        "phantoms": f"{shape[0]}×{shape[1]}×{shape[2]} voxels of 2 mm (z, y, x), model.phantom; "
-                    "test seeds 200000+, validation seeds 100000+"
-                    + (", held-out-reconstruction test seeds 300000+" if args.holdout_cases else "")
-                    + " (training uses seeds from 0)",
-        "simulation": "model.simulation.dataset.simulate_case: resolution 4 mm, CT attenuation, "
-                      "Poisson counts at standard dose, every dose a binomial thinning of that acquisition "
-                      "(LPET and SPET share counts, as list-mode subsampling does); reconstruction per case "
-                      + ("from the held-out pool" if args.holdout_recons else "from the standard pool"),
-        "test case reconstructions": _case_summary(test),
-        **({"held-out test case reconstructions": _case_summary(_seeded(
-            data / "test_holdout", [HOLDOUT_SEED0 + i for i in range(args.holdout_cases)]))}
-           if args.holdout_cases else {}),
-        "baselines": "NLM 3³ patches ±3 search (scikit-image, fast mode); BM4D 'fast' profile on √activity "
-                     "(hard thresholding only, 4-voxel steps, ±4 search); CT bilateral piecewise-linear "
-                     "in HU (levels σr/2 apart); "
-                     f"tuning grids: {grids}",
-        "tuning": "per dose on the validation cases' "
-                  + (f"central {args.tune_slices} slices" if args.tune_slices else "slices, all of them"),
-        **training_header(models),
-        **({"ablation variants": f"{', '.join(m.label for m in models if m.key in ablation_only)} scored at "
-            f"{', '.join(f'{100 * d:g} %' for d in _floats(args.ablation_doses))} only (--ablation-doses)"}
-           if ablation_only else {}),
-        **{f"note {i + 1}" if len(args.note) > 1 else "note": n for i, n in enumerate(args.note)},
-    }
+    command = _command_line(argv if argv is not None else sys.argv[1:])
+    header = _report_header(args, command, load=load, test=test, models=models,
+                            ablation_only=ablation_only, methods=methods)
     labels = {m.key: m.label for m in models}
 
     def sections(results: Any, summary: dict) -> tuple[list[str], dict]:
@@ -285,14 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         title=models_title(models), labels=labels, sections=sections if models else None,
     )
     total = time.perf_counter() - started
-    # Record how long this invocation took (a resumed run only counts its own work), as the header's
-    # last line: the first section heading follows the header.
     report = Path(args.out) / "quality.md"
-    text = report.read_text().replace(
-        "\n\n## ",
-        f"\n- **wall time of this run**: {total / 60:.1f} min (simulation {sim_s / 60:.1f} min); "
-        "cached work from earlier runs is not counted\n\n## ", 1)
-    report.write_text(text)
+    _record_wall_time(report, total_s=total, simulation_s=sim_s)
     if steps is not None:
         from model.evaluation.steps_curve import recommend_steps
 
