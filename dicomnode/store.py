@@ -2,31 +2,38 @@
 
 Contract of :meth:`InstanceStore.put` (what makes "Success" safe to answer): when it returns, the
 instance's bytes, its name ``<root>/instances/<study>/<series>/<sop>.dcm`` and its database row are all
-on disk, in that order. The SCP hands over the file pynetdicom streamed the data set into (in
-``<root>/tmp``), so an instance is never held whole in memory and never re-encoded. The steps:
+on disk, the row written only once the bytes and the name were. The SCP hands over the file pynetdicom
+streamed the data set into (in ``<root>/tmp``), so an instance is never held whole in memory and never
+re-encoded. The steps:
 
-1. the received file is fsynced. The SCP starts this (:meth:`InstanceStore.begin_sync`, a helper
+1. the received file's fsync begins: the SCP starts it (:meth:`InstanceStore.begin_sync`, a helper
    thread) before it parses and validates the file, so the disk works while the CPU does;
-2. the file is renamed to its final name (copied to a temporary file and fsynced first when it lives
-   on another file system; given as bytes, written and fsynced first) and its directory is fsynced.
-   Concurrent stores into one directory share one directory fsync (:class:`GroupRunner`);
+2. the file is renamed to its final name (bytes, or a file on another file system, are written to a
+   temporary file first) and its directory is fsynced while the file's fsync may still run; both are
+   waited for. Concurrent stores into one directory share one directory fsync (:class:`GroupRunner`);
 3. only then its row is inserted: the rows of concurrent associations are committed together, one
    SQLite transaction and one WAL fsync for all of them (group commit, :class:`GroupRunner`).
 
-One association thus waits for the disk twice per instance (steps 2 and 3); the file's own fsync runs
-during validation. The commit stays ``synchronous=FULL``. With ``NORMAL`` the row would not be durable
-at Success and would have to be rebuilt from the file after a power cut, but the row holds what the
-file does not (the calling AE title, whether the series is this node's own output, which guards
-against enhancing it again), and finding row-less files means walking the whole spool at every start.
+One association thus waits for the disk twice per instance, for the directory entry (the file's fsync
+overlapping it and the validation) and for the row, not three times in a row (file, directory, row). The
+commit stays ``synchronous=FULL``. With ``NORMAL`` the row would not be durable at Success and would
+have to be rebuilt from the file after a power cut, but the row holds what the file does not (the
+calling AE title, whether the series is this node's own output, which guards against enhancing it
+again), and finding row-less files means walking the whole spool at every start.
 
-A crash between any two steps leaves either nothing the index knows about (a stray temp file, removed
-at the next start; or a complete, fsynced file without a row, which the sender, never acknowledged,
-sends again and which is then replaced) or a complete instance. Stores of one SOP Instance UID are
-serialised (a lock per UID hash), so a failing store that removes its file can never remove the file
-of a concurrent, acknowledged store of the same instance; an indexed UID is answered as stored without
-writing anything (idempotent). Any write error, or less than ``storage.min_free_mb`` free, raises
-:class:`OutOfResources` with nothing of the call left behind. Free space is measured again for every
-instance, so the node accepts instances again by itself as soon as space returns.
+Renaming before the file's fsync has returned is safe because a name means nothing without a row: a
+power cut in step 2 can leave a complete or partial file under its final name with no row. Nothing
+reads such a file (every reader goes through the index); the sender, never acknowledged, sends the
+instance again, and the new copy replaces it. What must never happen is that a rename replaces the
+file of an *indexed* instance: stores of one SOP Instance UID are therefore serialised (a lock per UID
+hash) and an indexed UID is answered as stored without writing anything (idempotent).
+
+A crash between any two steps thus leaves either nothing the index knows about (a stray temp file,
+removed at the next start; or a file without a row, replaced when the instance is sent again) or a
+complete instance. The UID lock also keeps a failing store, which removes its file, from removing the
+file of a concurrent store of the same instance. Any write error, or less than ``storage.min_free_mb``
+free, raises :class:`OutOfResources` with nothing of the call left behind. Free space is measured
+again for every instance, so the node accepts instances again by itself as soon as space returns.
 """
 
 from __future__ import annotations
@@ -137,7 +144,10 @@ def free_bytes(path: Path) -> int:
 
 
 def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    fd = os.open(path, flags)
+    _fsync_and_close(os.open(path, flags))
+
+
+def _fsync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
@@ -210,7 +220,14 @@ class InstanceStore:
         file's fsync then costs an association little or nothing. A file that is refused afterwards
         was fsynced for nothing, which is harmless.
         """
-        return self._file_syncs.submit(_fsync, Path(received))
+        try:
+            # Opened here, not in the helper: the file is renamed while the fsync may still wait to run.
+            fd = os.open(received, os.O_RDONLY)
+        except OSError as exc:
+            failed: Future[None] = Future()
+            failed.set_exception(exc)  # raised by put(), which answers Out of Resources
+            return failed
+        return self._file_syncs.submit(_fsync_and_close, fd)
 
     def put(
         self,
@@ -245,14 +262,16 @@ class InstanceStore:
             raise OutOfResources(f"{free_mb} MB free, below storage.min_free_mb ({min_mb})")
         relative = self.relative_path(meta)
         final = self.root / relative
-        placed = False
+        file_synced: Future[None] | None = None
         try:
             _makedirs_durable(final.parent, self.root)
-            self._place(source, final, meta.sop_uid, synced)
-            placed = True
-            self._directory_sync.run(final.parent)
+            file_synced = self._place(source, final, meta.sop_uid, synced)
+            try:
+                self._directory_sync.run(final.parent)
+            finally:
+                file_synced.result()  # waited for even when the directory fsync failed
         except OSError as exc:
-            if placed:  # no row names it, and no other store of this UID runs (the UID lock)
+            if file_synced is not None:  # no row names it, no other store of this UID runs (UID lock)
                 final.unlink(missing_ok=True)
             reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise OutOfResources(f"cannot write the instance: {reason}") from exc
@@ -266,16 +285,18 @@ class InstanceStore:
         # rowcount 0: the row is there already (another process wrote it; this one serialises by UID).
         return PutResult.STORED if inserted else PutResult.DUPLICATE
 
-    def _place(self, source: bytes | Path, final: Path, sop_uid: str, synced: Future[None] | None) -> None:
-        """Give the instance its final name once its bytes are durable (a copy across file systems)."""
+    def _place(
+        self, source: bytes | Path, final: Path, sop_uid: str, synced: Future[None] | None
+    ) -> Future[None]:
+        """Give the instance its final name; returns the fsync of its bytes, which may still run.
+
+        A received file is renamed (its fsync is ``synced``, begun before it was validated); bytes, or a
+        file on another file system, are written to a temporary file first.
+        """
         if not isinstance(source, bytes):
-            if synced is not None:
-                synced.result()  # raises the fsync's OSError, if any
-            else:
-                _fsync(source)
             try:
                 os.replace(source, final)
-                return
+                return synced if synced is not None else self._file_syncs.submit(_fsync, final)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -286,10 +307,10 @@ class InstanceStore:
             else:
                 with open(source, "rb") as src, open(tmp, "xb") as dst:
                     shutil.copyfileobj(src, dst, _COPY_CHUNK)
-            _fsync(tmp)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        return self._file_syncs.submit(_fsync, final)
 
     def _insert_rows(self, rows: list[tuple]) -> list[int]:
         """One transaction for every row of the batch: one WAL fsync (synchronous=FULL) for all."""

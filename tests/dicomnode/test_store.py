@@ -265,3 +265,22 @@ def test_group_runner_gives_the_error_to_every_caller_of_the_batch() -> None:
         group.run(1)
     with pytest.raises(OSError, match="I/O error"):
         group.run(2)
+
+
+def test_a_received_file_renamed_before_its_fsync_runs_is_still_fsynced(
+    store: InstanceStore, tmp_path: Path
+) -> None:
+    # Every fsync helper busy: the received file's fsync waits in the queue while put() renames it.
+    release = threading.Event()
+    blockers = [store._file_syncs.submit(release.wait, 5) for _ in range(32)]
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"DICOM file")
+    synced = store.begin_sync(received)
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(store.put, meta(), received, synced=synced)
+        time.sleep(0.2)
+        assert not result.done()  # put() waits for the file's fsync before the row
+        release.set()
+        assert result.result(timeout=10) is PutResult.STORED
+    assert all(blocker.result() for blocker in blockers)
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"DICOM file"
