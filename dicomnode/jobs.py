@@ -47,7 +47,19 @@ MAX_PROCESS_ATTEMPTS = 3
 MAX_BACKOFF_S = 3600.0
 
 
-class JobState(str, Enum):
+class _Text(str, Enum):
+    """A str Enum that reads as its value in text (``f"{state}"`` is ``done``, not ``SendState.DONE``).
+
+    What ``enum.StrEnum`` does from Python 3.11; written out because the node supports 3.10.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __format__ = str.__format__
+
+
+class JobState(_Text):
     QUEUED = "queued"
     RUNNING = "running"
     SENDING = "sending"
@@ -55,14 +67,14 @@ class JobState(str, Enum):
     FAILED = "failed"
 
 
-class JobVariant(str, Enum):
+class JobVariant(_Text):
     """Which configured model a job is for (stored as its value in ``jobs.variant``)."""
 
     MAIN = "main"  # model.checkpoint
     WITHOUT_CT = "without_ct"  # model.checkpoint_without_ct: the study has no CT that covers the patient
 
 
-class SendState(str, Enum):
+class SendState(_Text):
     """One destination's delivery state (stored as its value in ``job_sends.state``)."""
 
     PENDING = "pending"

@@ -26,7 +26,9 @@ from dicomnode.config import HttpAuthSettings, Settings
 from dicomnode.db import Database
 from dicomnode.metrics import MetricsServer
 from dicomnode.preview import PREVIEW_PNG
-from dicomnode.status import _size, _when, collect_status  # the text report's formats: both read alike
+
+# The text report's formats, so that the page and `upete status` read alike.
+from dicomnode.status import SpoolSize, _size, _when, collect_status
 from model.enhance import EnhancerInfo
 from upete import __version__
 
@@ -219,10 +221,11 @@ class StatusPages:
         self.refresh_s = refresh_s
         self.limit = limit
         self.root = settings.storage.root.resolve()
+        self.spool_size = SpoolSize(max_age_s=60.0)
 
     def __call__(self, path: str) -> tuple[int, str, bytes] | None:
         if path in ("/", "/index.html"):
-            report = collect_status(self.settings, self.db, limit=self.limit)
+            report = collect_status(self.settings, self.db, limit=self.limit, spool_size=self.spool_size)
             return 200, _HTML, render_page(report, enhancers=self.enhancers,
                                            refresh_s=self.refresh_s).encode("utf-8")
         match = _PREVIEW_ROUTE.fullmatch(path)

@@ -169,3 +169,18 @@ def test_watch_runs_until_interrupted(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_spool_size_walks_again_only_when_its_figure_is_older_than_max_age(tmp_path) -> None:
+    from dicomnode.status import SpoolSize
+
+    now = [0.0]
+    size = SpoolSize(max_age_s=60.0, clock=lambda: now[0])
+    (tmp_path / "a").write_bytes(b"x" * 10_000)
+    first = size(tmp_path)
+    assert first >= 10_000
+    (tmp_path / "b").write_bytes(b"x" * 50_000)
+    now[0] = 59.0
+    assert size(tmp_path) == first  # cached: a page load does not stat the spool again
+    now[0] = 61.0
+    assert size(tmp_path) >= first + 50_000  # stale: walked again
