@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dicomnode.config import Settings
 from dicomnode.db import Database
-from dicomnode.metrics import REGISTRY, JobStateCollector, MetricsServer
+from dicomnode.metrics import REGISTRY, Authenticator, JobStateCollector, MetricsServer
 
 __all__ = [
     "HEARTBEAT_FILENAME",
@@ -134,7 +134,14 @@ class NodeMonitor:
     port that cannot be bound is logged and skipped: metrics never keep the node from serving images.
     """
 
-    def __init__(self, settings: Settings, db: Database, *, alive: Callable[[], Mapping[str, bool]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        alive: Callable[[], Mapping[str, bool]],
+        auth: Authenticator | None = None,
+    ) -> None:
         self.settings = settings
         self.alive = alive
         self.path = settings.storage.root / HEARTBEAT_FILENAME
@@ -146,7 +153,7 @@ class NodeMonitor:
         metrics = settings.metrics
         if metrics.enabled:
             try:
-                self.server = MetricsServer(metrics.host, metrics.port, health=alive)
+                self.server = MetricsServer(metrics.host, metrics.port, health=alive, auth=auth)
             except OSError as exc:
                 log.error("metrics endpoint not started",
                           extra={"fields": {"host": metrics.host, "port": metrics.port, "error": str(exc)}})

@@ -257,9 +257,17 @@ class _Ipv6Server(ThreadingHTTPServer):
 class MetricsServer:
     """``/metrics`` and ``/healthz`` on ``host:port`` (port 0: any free port) in a daemon thread."""
 
-    def __init__(self, host: str, port: int, *, health: Callable[[], Mapping[str, bool]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        health: Callable[[], Mapping[str, bool]],
+        auth: Authenticator | None = None,
+    ) -> None:
         server_class = _Ipv6Server if ":" in host else ThreadingHTTPServer
         self._site = _Site()
+        self._site.auth = auth  # before the first request can arrive: no unguarded moment at start
         self._server = server_class((host, port), _handler(health, self._site))
         self._server.daemon_threads = True
         self.host = host

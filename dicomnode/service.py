@@ -208,7 +208,7 @@ def _serve(
     def alive() -> dict[str, bool]:
         return {"scp": scp_alive(server), **{t.name.removeprefix("upete-"): t.is_alive() for t in threads}}
 
-    monitor = NodeMonitor(settings, db, alive=alive)
+    monitor = NodeMonitor(settings, db, alive=alive, auth=web_auth)
     if monitor.server is not None:
         infos = [e.info for e in (enhancers.main, enhancers.without_ct) if e is not None]
         serve_status_page(monitor.server, settings, db, enhancers=infos, auth=web_auth)
