@@ -10,96 +10,25 @@ the naive "route every stable study" rule, which the node itself must survive (A
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from dicomnode.testing.peers import (
-    ROOT,
-    NodeProcess,
-    db_rows,
-    free_port,
-    peer_env,
-    storescu,
-    wait_for,
-    write_config,
-)
+from dicomnode.testing.orthanc import ORTHANC, RECIPE, OrthancServer
+from dicomnode.testing.peers import NodeProcess, db_rows, free_port, storescu, wait_for, write_config
 from tests.support.dicomutil import make_study
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-ORTHANC = "/usr/sbin/Orthanc"
-
-RECIPE = ROOT / "config" / "orthanc"
 #: The shipped rules (docs/PACS.md): the guarded one a site should use, and the naive one.
 RULES = {"guarded": RECIPE / "route-to-upete.lua", "naive": RECIPE / "route-everything.lua"}
 
 
-class Orthanc:
-    def __init__(self, directory: Path, *, node_port: int, rule: Path) -> None:
-        self.directory = directory
-        self.http_port, self.dicom_port = free_port(), free_port()
-        # The shipped config, with only what a test must change: ports, directories, the rule's path.
-        config = json.loads((RECIPE / "orthanc.json").read_text())
-        assert config["RemoteAccessAllowed"] is False  # the recipe never opens the REST API to the network
-        config.update(
-            {
-                "StorageDirectory": str(directory / "storage"),
-                "IndexDirectory": str(directory / "storage"),
-                "HttpPort": self.http_port,
-                "DicomPort": self.dicom_port,
-                "StableAge": 2,
-                "LuaScripts": [str(rule)],
-            }
-        )
-        config["DicomModalities"]["upete"][2] = node_port
-        (directory / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        log = open(self.directory / "orthanc.out", "a")  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                [ORTHANC, str(self.directory / "orthanc.json")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=peer_env(),
-            )
-        finally:
-            log.close()
-        wait_for(self._up, timeout=60, interval=0.3, what="Orthanc's REST API")
-        return self
-
-    def _up(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {(self.directory / 'orthanc.out').read_text()[-3000:]}")
-        try:
-            return bool(self.get("/system"))
-        except OSError:
-            return False
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)  # Orthanc takes a few seconds to stop
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def series_of_study(self) -> list[dict]:
-        [study] = self.get("/studies")
-        return self.get(f"/studies/{study}/series")
+def series_of_study(orthanc: OrthancServer) -> list[dict]:
+    [study] = orthanc.get("/studies")
+    return orthanc.get(f"/studies/{study}/series")
 
 
 def _node_instances_from(db: Path, series_uid: str) -> int:
@@ -113,7 +42,7 @@ def _node_instances_from(db: Path, series_uid: str) -> int:
 def test_orthanc_routes_the_study_and_gets_the_derived_series_back(tmp_path: Path, rule: str) -> None:
     study = make_study(tmp_path / "in", shuffle_seed=2)
     node_port = free_port()
-    orthanc = Orthanc(tmp_path, node_port=node_port, rule=RULES[rule])
+    orthanc = OrthancServer(tmp_path, node_port=node_port, rules=[RULES[rule]])
     config = write_config(
         tmp_path,
         port=node_port,
@@ -136,7 +65,7 @@ def test_orthanc_routes_the_study_and_gets_the_derived_series_back(tmp_path: Pat
         assert sent.returncode == 0, sent.stderr
 
         def derived_in_orthanc() -> dict | None:
-            for series in orthanc.series_of_study():
+            for series in series_of_study(orthanc):
                 if (
                     series["MainDicomTags"].get("Manufacturer") == "uPETe node"
                     and len(series["Instances"]) == 24
@@ -150,7 +79,7 @@ def test_orthanc_routes_the_study_and_gets_the_derived_series_back(tmp_path: Pat
         wait_for(lambda: (tmp_path / "orthanc.out").read_text().count("upete-rule ran") >= 2, timeout=30,
                  what="Orthanc's rule to run on the study again")
         time.sleep(1)  # whatever that run sent has reached the node
-        assert len(orthanc.series_of_study()) == 3  # PET, CT, derived: nothing duplicated
+        assert len(series_of_study(orthanc)) == 3  # PET, CT, derived: nothing duplicated
         assert len(db_rows(node.db_path, "SELECT * FROM jobs")) == 1
         [job] = db_rows(node.db_path, "SELECT * FROM jobs")
         assert job["state"] == "done" and job["derived_series_uid"] == derived_uid
