@@ -43,8 +43,8 @@ def make_study(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     """A fresh study (new UIDs) of a smooth body-like phantom: CT files first, then PET."""
     from scipy import ndimage
 
+    from dicomnode.testing.phantoms import tiny_phantom
     from dicomnode.testing.scanner import StudyInfo, write_ct_series, write_pet_series
-    from tests.support.model_toys import tiny_phantom
 
     pet, ct = tiny_phantom(0, shape)
     rng = np.random.default_rng(0)
