@@ -221,13 +221,20 @@ def _db(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+def _reuse_note(reused: int) -> str:
+    if not reused:
+        return ""
+    return (f" ({reused} case(s) scored by an earlier run of this command and reused from its --work "
+            "folder; the load and minutes are this run's)")
+
+
 def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[str]) -> str:
     """The Markdown report: one image-quality and one lesion table per dose, the worst style named."""
     lines = ["# Transfer benchmark: the shipped models on a second generator's scanner styles", "",
              f"Command: {header['command']}", "",
              f"Machine: {header['machine']}; load average {header['load_before']} before, "
              f"{header['load_after']} after (a shared machine); {header['date']}; "
-             f"{header['wall_minutes']:.1f} min.", "",
+             f"{header['wall_minutes']:.1f} min{_reuse_note(header['cases_reused'])}.", "",
              "Styles (model/evaluation/transfer/styles.py):", ""]
     lines += [f"- **{name}**: {text}" for name, text in header["styles"].items()]
     lines += ["", f"Cases: seeds {header['seeds']} (the transfer set, never used for training or any "
@@ -305,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(enhancers)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, reused = [], 0
     for style in styles:
         for seed in seeds:
             # One file per case and dose set: a rerun after a crash or a timeout skips the cases done.
             kept = work / f"{style}-{seed}-{'_'.join(f'{d:g}' for d in doses)}-{args.steps or 'default'}.json"
             if kept.is_file():
                 rows += json.loads(kept.read_text())
+                reused += 1
                 continue
             case_rows = run_case(style, seed, doses, enhancers, args.save_cases)
             kept.write_text(json.dumps(case_rows))
@@ -325,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": [round(v, 2) for v in os.getloadavg()],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_minutes": (time.time() - started) / 60.0,
+        "cases_reused": reused,
         "styles": {s: STYLES[s].describe() for s in styles},
         "seeds": seeds,
         "models": {name: str(path.relative_to(ROOT)) for name, path in MODELS.items()},
