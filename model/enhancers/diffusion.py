@@ -24,12 +24,13 @@ from model.enhancers.base import Enhancer, EnhancerInfo, Progress
 from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 from model.enhancers.quantitation import preserve_local_mean
-from model.enhancers.tiling import CTAir, run_tiled
+from model.enhancers.tiling import CTAir, body_mask, run_tiled, tile_stride
 from model.grid import AIR_HU, ModelGrid
 from model.networks.checkpoint import load_checkpoint, weights_digest
 from model.networks.diffusion import sampling_timesteps
 from model.networks.noise_level import noise_index
 from model.networks.upete_model import UPETeModel
+from model.units import FWHM_PER_SIGMA
 
 __all__ = ["DiffusionEnhancer", "load_diffusion_enhancer"]
 
@@ -92,6 +93,31 @@ class DiffusionEnhancer(Enhancer):
             return patch
         m = self.config.size_multiple
         return tuple(max(int(math.ceil(n / m) * m), m) for n in shape)  # type: ignore[return-value]
+
+    def _model_grid(
+        self, pet_bqml: np.ndarray, ct_hu: np.ndarray | None, spacing_mm: tuple[float, float, float]
+    ) -> ModelGrid:
+        """The model grid of ``pet_bqml``, cropped to what the tiles would run (see :class:`ModelGrid`).
+
+        The margin is a tile plus the reach of the local-mean filter (a Gaussian cut at 3 σ) and two
+        voxels for the resampling: every tile reaching the body, and every voxel that filter mixes
+        into the body, is then inside the crop and the body's output is as without it.
+        """
+        target = self.config.spacing_mm
+        if not self.options.crop_to_body or self.options.tiling != "auto":
+            return ModelGrid(pet_bqml, spacing_mm, target)
+        options = self.options
+        if ct_hu is not None and options.skip_air_ct:
+            body = body_mask(pet_bqml, ct_hu, air_hu=options.air_hu, pet_limit=options.air_max_bqml)
+        else:
+            body = body_mask(pet_bqml)
+        fwhm = self.config.sampler.local_mean_fwhm_mm
+        reach = math.ceil(3.0 * fwhm / FWHM_PER_SIGMA / target) if fwhm > 0 else 0
+        patch = self.config.patch_size
+        return ModelGrid(
+            pet_bqml, spacing_mm, target, body=body,
+            margin=[p + reach + 2 for p in patch], align=[tile_stride(p, self.tile_overlap) for p in patch],
+        )
 
     # --- the model ----------------------------------------------------------------------------------
 
@@ -194,11 +220,11 @@ class DiffusionEnhancer(Enhancer):
         if progress:
             progress(0.0, "resample")
         pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
-        grid = ModelGrid(pet_clean, spacing_mm, self.config.spacing_mm)
+        ct_used = ct_hu.astype(np.float32) if ct_hu is not None and self.model.diffusion.uses_ct else None
+        grid = self._model_grid(pet_clean, ct_used, spacing_mm)
         pet_iso = grid.onto(pet_clean, default=0.0)
-        ct_iso = None
-        if ct_hu is not None and self.model.diffusion.uses_ct:
-            ct_iso = grid.onto(ct_hu.astype(np.float32), default=AIR_HU)
+        ct_iso = grid.onto(ct_used, default=AIR_HU) if ct_used is not None else None
+        del ct_used  # the PET grid's CT is no longer needed: a total-body CT is hundreds of MB
         started = self._timed("resample", started)
 
         norm = self.config.normalisation
@@ -231,7 +257,7 @@ class DiffusionEnhancer(Enhancer):
             )
         started = self._timed("normalise", started)
 
-        out = grid.back(out_iso)
+        out = grid.back(out_iso, outside=pet_clean)  # beyond the crop: the input, as for tiles of air
         # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
         out = np.clip(out, 0.0, None).astype(np.float32)
         self._timed("resample_back", started)

@@ -26,6 +26,9 @@ class InferenceOptions:
     patient) and whose PET stays below ``air_max_bqml`` are kept as they are (outside the body a
     10 %-dose MLEM LPET stayed below ≈1100 Bq/ml; tissue beyond a smaller CT field of view does not).
     ``autocast``: bf16 autocast, on CUDA only (off by default: its quality is not verified yet).
+    ``crop_to_body``: with ``tiling="auto"``, the model grid covers only the box of what the tiles
+    would run plus a tile's margin (:class:`model.grid.ModelGrid`); the body's output is the same,
+    beyond the box the output is the input (as for tiles of air); off: the whole field of view.
     """
 
     device: str = "auto"
@@ -39,6 +42,7 @@ class InferenceOptions:
     air_hu: float = -900.0
     air_max_bqml: float = 1500.0
     autocast: bool = False
+    crop_to_body: bool = True
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:

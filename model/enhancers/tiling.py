@@ -8,7 +8,6 @@ towards each tile's edge. :func:`run_tiled` is that loop, shared by every model-
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,23 +20,34 @@ __all__ = [
     "CTAir",
     "Tiled",
     "Window",
+    "body_mask",
     "gaussian_weights",
     "pad_to_shape",
     "run_tiled",
     "split_air",
     "split_air_by_ct",
     "tile_starts",
+    "tile_stride",
     "tile_windows",
 ]
 
 
+def tile_stride(patch: int, overlap: float) -> int:
+    """How far apart neighbouring tiles of ``patch`` start when they share ``overlap`` of it."""
+    return max(1, int(patch * (1.0 - overlap)))
+
+
 def tile_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Start indices of tiles of ``patch`` covering ``size`` (≥ patch), neighbours sharing ≈ ``overlap``."""
+    """Start indices of tiles of ``patch`` covering ``size`` (≥ patch), neighbours sharing ≥ ``overlap``.
+
+    Tiles start at multiples of :func:`tile_stride`, the last one flush with the far end. Anchored
+    at 0, the grid of a volume cropped at a multiple of the stride is the same grid (see
+    :class:`model.grid.ModelGrid`), so the crop leaves every tile that reaches the body as it was.
+    """
     if size <= patch:
         return [0]
-    stride = max(1, int(patch * (1.0 - overlap)))
-    count = math.ceil((size - patch) / stride) + 1
-    return sorted({int(round(v)) for v in np.linspace(0, size - patch, count)})
+    stride = tile_stride(patch, overlap)
+    return [*range(0, size - patch, stride), size - patch]
 
 
 def gaussian_weights(patch: tuple[int, int, int]) -> np.ndarray:
@@ -66,6 +76,28 @@ Window = tuple[slice, slice, slice]
 def tile_windows(corners: list[tuple[int, int, int]], size: tuple[int, int, int]) -> list[Window]:
     """The index windows of tiles of ``size`` starting at ``corners``."""
     return [tuple(slice(c, c + s) for c, s in zip(corner, size, strict=True)) for corner in corners]  # type: ignore[misc]
+
+
+def body_mask(
+    pet: np.ndarray,
+    ct_hu: np.ndarray | None = None,
+    *,
+    air_hu: float = -900.0,
+    pet_limit: float | None = None,
+) -> np.ndarray:
+    """The voxels a tile needs to hold for :func:`run_tiled` to run it, voxel by voxel.
+
+    Without a CT (or ``air_hu``'s rule off: pass no CT) that is any non-zero PET (:func:`split_air`);
+    with one, CT above ``air_hu`` or, with ``pet_limit``, PET at or above it (:func:`split_air_by_ct`).
+    A tile holding none of these voxels is kept as it is, so cropping a volume to their bounding box
+    (plus a tile's margin) changes no tile that runs.
+    """
+    if ct_hu is None:
+        return pet != 0
+    body = ct_hu > air_hu
+    if pet_limit is not None:
+        body |= pet >= pet_limit
+    return body
 
 
 def split_air(x: np.ndarray, windows: list[Window]) -> tuple[list[Window], list[Window]]:

@@ -1,5 +1,7 @@
 """The shared tiling loop (model.enhancers.tiling.run_tiled) gives, bit for bit, what each enhancer's
-own loop gave before it: data/tiled_outputs.npz was computed by those loops on these exact inputs.
+own loop gave before it: data/tiled_outputs.npz was computed by those loops on these exact inputs, and
+regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
+cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did).
 
 The cases cover CT-air skipping with batches of two, a Gaussian variant's seeded noise, a volume
 done whole, and the supervised U-Net with tiles of pure air. Regenerate the file only on purpose, by
