@@ -63,6 +63,7 @@ from dicomnode.validate import (
     SUCCESS,
     SUPPORTED_SOP_CLASSES,
     Refusal,
+    instance_uids,
     read_received,
     validate_instance,
 )
@@ -294,19 +295,38 @@ def _received(event: evt.Event, path: Path | None) -> tuple[Dataset, Path | byte
     return ds, event.encoded_dataset(include_meta=True)
 
 
+def _file_uids(ds: Dataset, sop_class: str, sop_instance: str) -> tuple[str, str, str]:
+    """The UIDs that name the instance's file; a refusal worded exactly as validate_instance words it.
+
+    Checked before the rest of the instance, so that the file's name becomes durable during the
+    validation; an instance refused here gets the refusal of the full validation (which checks the
+    elements first), so its status and attribute do not depend on this order.
+    """
+    try:
+        return instance_uids(ds, sop_instance_uid=sop_instance)
+    except Refusal:
+        validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+        raise
+
+
 def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
     calling = stats.calling_ae if stats else ""
-    fields: dict[str, object] = {"calling_ae": calling, "sop_uid": str(event.request.AffectedSOPInstanceUID)}
+    request = event.request
+    sop_class, sop_instance = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+    fields: dict[str, object] = {"calling_ae": calling, "sop_uid": sop_instance}
     path = _received_path(event)
-    # The file's fsync runs while it is parsed and validated (dicomnode.store, step 1).
+    # The disk makes the file, then its name, durable while the CPU parses and validates (dicomnode.store).
     synced = ctx.store.begin_sync(path) if path is not None else None
     try:
         ds, source = _received(event, path)
-        meta = validate_instance(
-            ds,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
-        )
+        uids = _file_uids(ds, sop_class, sop_instance)
+        with ctx.store.staging(*uids, source, synced=synced) as staged:
+            if path is not None and not staged.duplicate:
+                ds.filename = str(staged.path)  # values left on disk are read from the file's new name
+            meta = validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+            if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
+                meta = dataclasses.replace(meta, derived_by_us=True)
+            result = staged.commit(meta, calling_ae=calling)
     except Refusal as refusal:
         log.warning(
             "instance refused",
@@ -320,10 +340,6 @@ def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -
             },
         )
         return refusal.status
-    if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
-        meta = dataclasses.replace(meta, derived_by_us=True)
-    try:
-        result = ctx.store.put(meta, source, calling_ae=calling, synced=synced)
     except OutOfResources as exc:
         log.error(
             "instance not stored",

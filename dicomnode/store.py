@@ -7,22 +7,26 @@ streamed the data set into (in ``<root>/tmp``), so an instance is never held who
 re-encoded. The steps:
 
 1. the received file's fsync begins: the SCP starts it (:meth:`InstanceStore.begin_sync`, a helper
-   thread) before it parses and validates the file, so the disk works while the CPU does;
-2. the file is renamed to its final name (bytes, or a file on another file system, are written to a
-   temporary file first) and its directory is fsynced while the file's fsync may still run; both are
-   waited for. Concurrent stores into one directory share one directory fsync (:class:`GroupRunner`);
-3. only then its row is inserted: the rows of concurrent associations are committed together, one
-   SQLite transaction and one WAL fsync for all of them (group commit, :class:`GroupRunner`).
+   thread) before it parses the file, so the disk works while the CPU does;
+2. as soon as the instance's UIDs are read and checked, the file is renamed to its final name (bytes,
+   or a file on another file system, are written to a temporary file first) and its directory's fsync
+   starts in a helper thread too, while the SCP validates every element (:meth:`InstanceStore.staging`).
+   A refused instance's file is removed again. Concurrent stores into one directory share one
+   directory fsync (:class:`GroupRunner`);
+3. once the instance is valid and both fsyncs have returned, its row is inserted: the rows of
+   concurrent associations are committed together, one SQLite transaction and one WAL fsync for all of
+   them (group commit, :class:`GroupRunner`).
 
-One association thus waits for the disk twice per instance, for the directory entry (the file's fsync
-overlapping it and the validation) and for the row, not three times in a row (file, directory, row). The
+One association thus waits for the disk about once per instance (the row's commit): the file's and the
+directory's fsyncs overlap the parsing and validation, instead of file, directory and row in a row. The
 commit stays ``synchronous=FULL``. With ``NORMAL`` the row would not be durable at Success and would
 have to be rebuilt from the file after a power cut, but the row holds what the file does not (the
 calling AE title, whether the series is this node's own output, which guards against enhancing it
 again), and finding row-less files means walking the whole spool at every start.
 
-Renaming before the file's fsync has returned is safe because a name means nothing without a row: a
-power cut in step 2 can leave a complete or partial file under its final name with no row. Nothing
+Renaming before the file's fsync has returned, and before the instance is validated, is safe because a
+name means nothing without a row: a power cut in step 2 can leave a complete, partial or invalid file
+under its final name with no row. Nothing
 reads such a file (every reader goes through the index); the sender, never acknowledged, sends the
 instance again, and the new copy replaces it. What must never happen is that a rename replaces the
 file of an *indexed* instance: stores of one SOP Instance UID are therefore serialised (a lock per UID
@@ -47,8 +51,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -57,7 +62,7 @@ from typing import Any, Generic, TypeVar
 from dicomnode.db import Database
 from dicomnode.validate import InstanceMeta
 
-__all__ = ["GroupRunner", "InstanceStore", "OutOfResources", "PutResult", "free_bytes", "fsync_dir"]
+__all__ = ["GroupRunner", "InstanceStore", "OutOfResources", "PutResult", "Staged", "free_bytes", "fsync_dir"]
 
 log = logging.getLogger("upete.store")
 
@@ -83,9 +88,10 @@ class PutResult(Enum):
 _COPY_CHUNK = 1024 * 1024
 # Stores of one SOP Instance UID are serialised by one of these locks (picked by a hash of the UID).
 _UID_LOCKS = 64
-# Threads that fsync received files while the association's thread parses and validates them: one per
-# association storing at that moment; beyond this many, file fsyncs queue (still correct, a little later).
-_FSYNC_THREADS = 8
+# Threads that fsync received files and their directories while the association's thread parses and
+# validates them: two per association storing at that moment; beyond that, fsyncs queue (still correct,
+# a little later).
+_FSYNC_THREADS = 16
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -182,6 +188,70 @@ def _makedirs_durable(path: Path, root: Path) -> None:
         fsync_dir(directory.parent)
 
 
+class Staged:
+    """An instance whose file has its final name and is being made durable (:meth:`InstanceStore.staging`)."""
+
+    def __init__(
+        self,
+        root: Path,
+        relative: Path,
+        durable: list[Future[None]],
+        commit_row: Callable[[tuple], int],
+        *,
+        duplicate: bool = False,
+    ) -> None:
+        self.relative = relative
+        self.path = root / relative  # where the file is now (not for a duplicate: nothing was written)
+        self.duplicate = duplicate
+        self.committed = False
+        self._durable = durable
+        self._commit_row = commit_row
+
+    def commit(self, meta: InstanceMeta, *, calling_ae: str = "") -> PutResult:
+        """Wait until the file and its name are durable, then commit the row; the answer to give.
+
+        Raises :class:`OutOfResources` (the block of :meth:`InstanceStore.staging` then removes the
+        file) and ValueError when ``meta`` names another file than the one staged.
+        """
+        if self.duplicate:
+            return PutResult.DUPLICATE
+        named = _relative(meta.study_uid, meta.series_uid, meta.sop_uid)
+        if named != self.relative:
+            raise ValueError(f"the instance is {named}, but {self.relative} was staged")
+        try:
+            for future in self._durable:
+                future.result()
+        except OSError as exc:
+            raise _write_error(exc) from exc
+        try:
+            inserted = self._commit_row(_row(meta, calling_ae, str(self.relative)))
+        except sqlite3.Error as exc:
+            # The file is complete but unindexed: it is removed (the sender gets a failure status and
+            # sends it again), so no half-stored instance remains.
+            raise OutOfResources(f"cannot index the instance: {exc}") from exc
+        self.committed = True
+        # rowcount 0: the row is there already (another process wrote it; this one serialises by UID).
+        return PutResult.STORED if inserted else PutResult.DUPLICATE
+
+    def wait_quietly(self) -> None:
+        """Let the fsyncs under way finish (their errors no longer matter: the file is abandoned)."""
+        for future in self._durable:
+            try:
+                future.result()
+            except OSError:
+                pass
+
+
+def _relative(study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    # UIDs are checked as digits and dots (dicomnode.validate), so they are safe file names.
+    return Path("instances") / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def _write_error(exc: OSError) -> OutOfResources:
+    reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutOfResources(f"cannot write the instance: {reason}")
+
+
 class InstanceStore:
     """Spool directory + instance index. Thread-safe: every association's thread calls :meth:`put`."""
 
@@ -205,10 +275,6 @@ class InstanceStore:
             path.unlink(missing_ok=True)
             count += 1
         return count
-
-    def relative_path(self, meta: InstanceMeta) -> Path:
-        # UIDs are validated as digits and dots (dicomnode.validate), so they are safe file names.
-        return Path("instances") / meta.study_uid / meta.series_uid / f"{meta.sop_uid}.dcm"
 
     def contains(self, sop_uid: str) -> bool:
         return bool(self.db.query(_EXISTS, (sop_uid,)))
@@ -237,21 +303,58 @@ class InstanceStore:
         calling_ae: str = "",
         synced: Future[None] | None = None,
     ) -> PutResult:
-        """Store one instance durably (see the module docstring).
+        """Store one validated instance durably (see the module docstring); :meth:`staging` in one go.
 
         ``source`` is a DICOM file (with meta): a path, which is moved into the spool (the caller's file
         is gone afterwards unless the instance was a duplicate or refused), or its bytes. ``synced`` is
         what :meth:`begin_sync` returned for that path; without it the file is fsynced here.
         Raises :class:`OutOfResources` when it cannot; then nothing of this call remains on disk.
         """
-        with self._uid_locks[zlib.crc32(meta.sop_uid.encode()) % _UID_LOCKS]:
-            return self._put(meta, source, calling_ae, synced)
+        with self.staging(meta.study_uid, meta.series_uid, meta.sop_uid, source, synced=synced) as staged:
+            return staged.commit(meta, calling_ae=calling_ae)
 
-    def _put(
-        self, meta: InstanceMeta, source: bytes | Path, calling_ae: str, synced: Future[None] | None
-    ) -> PutResult:
-        if self.contains(meta.sop_uid):
-            return PutResult.DUPLICATE
+    @contextmanager
+    def staging(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        source: bytes | Path,
+        *,
+        synced: Future[None] | None = None,
+    ) -> Iterator[Staged]:
+        """Name an instance's file and make it durable in helper threads while the caller validates it.
+
+        Within the block the UID's lock is held. An indexed UID yields a :class:`Staged` whose
+        ``duplicate`` is true, and nothing is written. Otherwise the file gets its final name (the UIDs
+        must have been checked, :func:`dicomnode.validate.instance_uids`: they become its path) and its
+        fsync and its directory's run while the caller validates the instance and then calls
+        :meth:`Staged.commit`. Leaving the block without a commit (a refusal, any exception) removes
+        the file again. Raises :class:`OutOfResources` when the file cannot be written.
+        """
+        with self._uid_locks[zlib.crc32(sop_uid.encode()) % _UID_LOCKS]:
+            if self.contains(sop_uid):
+                yield Staged(self.root, Path(), [], self._row_commit.run, duplicate=True)
+                return
+            self._check_free_space(source)
+            relative = _relative(study_uid, series_uid, sop_uid)
+            final = self.root / relative
+            try:
+                _makedirs_durable(final.parent, self.root)
+                file_synced = self._place(source, final, sop_uid, synced)
+            except OSError as exc:
+                raise _write_error(exc) from exc
+            name_synced = self._file_syncs.submit(self._directory_sync.run, final.parent)
+            staged = Staged(self.root, relative, [file_synced, name_synced], self._row_commit.run)
+            try:
+                yield staged
+            finally:
+                if not staged.committed:
+                    # No row names the file and no other store of this UID runs (the UID lock).
+                    staged.wait_quietly()
+                    final.unlink(missing_ok=True)
+
+    def _check_free_space(self, source: bytes | Path) -> None:
         try:
             size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
             free = free_bytes(self.root)
@@ -260,30 +363,6 @@ class InstanceStore:
         if free - size < self.min_free_bytes:
             free_mb, min_mb = free // (1024 * 1024), self.min_free_bytes // (1024 * 1024)
             raise OutOfResources(f"{free_mb} MB free, below storage.min_free_mb ({min_mb})")
-        relative = self.relative_path(meta)
-        final = self.root / relative
-        file_synced: Future[None] | None = None
-        try:
-            _makedirs_durable(final.parent, self.root)
-            file_synced = self._place(source, final, meta.sop_uid, synced)
-            try:
-                self._directory_sync.run(final.parent)
-            finally:
-                file_synced.result()  # waited for even when the directory fsync failed
-        except OSError as exc:
-            if file_synced is not None:  # no row names it, no other store of this UID runs (UID lock)
-                final.unlink(missing_ok=True)
-            reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise OutOfResources(f"cannot write the instance: {reason}") from exc
-        try:
-            inserted = self._row_commit.run(_row(meta, calling_ae, str(relative)))
-        except sqlite3.Error as exc:
-            # The file is complete but unindexed: remove it so no half-stored instance remains (the
-            # sender gets a failure status and sends it again).
-            final.unlink(missing_ok=True)
-            raise OutOfResources(f"cannot index the instance: {exc}") from exc
-        # rowcount 0: the row is there already (another process wrote it; this one serialises by UID).
-        return PutResult.STORED if inserted else PutResult.DUPLICATE
 
     def _place(
         self, source: bytes | Path, final: Path, sop_uid: str, synced: Future[None] | None

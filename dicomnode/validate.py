@@ -46,6 +46,7 @@ __all__ = [
     "InstanceMeta",
     "read_received",
     "validate_instance",
+    "instance_uids",
     "SUPPORTED_SOP_CLASSES",
     "SUCCESS",
     "OUT_OF_RESOURCES",
@@ -354,6 +355,26 @@ def _check_rescale(ds: Dataset, modality: str) -> None:
     _numbers(ds, "RescaleIntercept", 1, required=modality == "PT")
     if slope is not None and slope[0] == 0:
         raise Refusal(CANNOT_UNDERSTAND, "RescaleSlope", "is zero")
+
+
+def instance_uids(ds: Dataset, *, sop_instance_uid: str) -> tuple[str, str, str]:
+    """Study, Series and SOP Instance UID, checked as :func:`validate_instance` checks them.
+
+    The store names an instance's file by them while the rest is validated (dicomnode.store), so they
+    are read first: digits and dots only, and the SOP Instance UID the C-STORE request announced.
+    """
+    try:
+        keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        study, series, sop = (_uid(ds, key) for key in keys)
+    except Refusal:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot read
+        raise Refusal(CANNOT_UNDERSTAND, "(UIDs)", f"a UID does not parse ({type(exc).__name__})") from None
+    if sop != sop_instance_uid:
+        raise Refusal(
+            DATASET_MISMATCH, "SOPInstanceUID", "differs from the C-STORE request's Affected SOP Instance UID"
+        )
+    return study, series, sop
 
 
 def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str) -> InstanceMeta:

@@ -210,16 +210,16 @@ def test_an_unexpected_error_gives_a_failure_status_and_the_association_goes_on(
     server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = _pet_files(tmp_path / "in")
-    real_put = server.store.put
+    real_staging = server.store.staging
     calls = []
 
-    def flaky_put(*args, **kwargs):
+    def flaky_staging(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a bug")
-        return real_put(*args, **kwargs)
+        return real_staging(*args, **kwargs)
 
-    monkeypatch.setattr(server.store, "put", flaky_put)
+    monkeypatch.setattr(server.store, "staging", flaky_staging)
     assoc = server.associate([(PET, [ExplicitVRLittleEndian])])
     try:
         assert [assoc.send_c_store(p).Status for p in files] == [0xC211, 0x0000, 0x0000]

@@ -284,3 +284,31 @@ def test_a_received_file_renamed_before_its_fsync_runs_is_still_fsynced(
         assert result.result(timeout=10) is PutResult.STORED
     assert all(blocker.result() for blocker in blockers)
     assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"DICOM file"
+
+
+def test_a_staged_instance_refused_during_validation_leaves_nothing(
+    store: InstanceStore, tmp_path: Path
+) -> None:
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"DICOM file")
+    staging = store.staging(STUDY, SERIES, "1.2.3.4.5", received)
+    with pytest.raises(RuntimeError, match="refused"), staging as staged:
+        assert (store.root / staged.relative).read_bytes() == b"DICOM file"  # named while validated
+        raise RuntimeError("refused")
+    assert _files(store.root) == []
+    assert store.db.query("SELECT * FROM instances") == []
+
+
+def test_a_staged_instance_commits_only_its_own_metadata(store: InstanceStore) -> None:
+    staging = store.staging(STUDY, SERIES, "1.2.3.4.5", b"x")
+    with pytest.raises(ValueError, match="was staged"), staging as staged:
+        staged.commit(meta("1.2.3.4.6"))
+    assert _files(store.root) == []
+
+
+def test_staging_an_indexed_instance_writes_nothing(store: InstanceStore) -> None:
+    assert store.put(meta(), b"first") is PutResult.STORED
+    with store.staging(STUDY, SERIES, "1.2.3.4.5", b"second") as staged:
+        assert staged.duplicate
+        assert staged.commit(meta()) is PutResult.DUPLICATE
+    assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"first"

@@ -143,14 +143,14 @@ IDLE_WORKER = "import dicomnode.worker\ndicomnode.worker.Worker.run_once = lambd
 SLOW_PUT = """
 import pathlib, time
 import dicomnode.store
-_real_put = dicomnode.store.InstanceStore.put
+_real_put = dicomnode.store.InstanceStore.staging  # what the SCP calls to store an instance
 def _slow_put(self, *args, **kwargs):
     marker = pathlib.Path({marker!r})
     if not marker.exists():
         marker.touch()
         time.sleep(3)  # SIGTERM arrives while this C-STORE is in flight
     return _real_put(self, *args, **kwargs)
-dicomnode.store.InstanceStore.put = _slow_put
+dicomnode.store.InstanceStore.staging = _slow_put
 """
 
 
