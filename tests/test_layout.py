@@ -82,6 +82,5 @@ def test_the_node_reaches_the_model_only_through_model_enhance() -> None:
     assert violations(("dicomnode",), ("model.enhance",), ("model",), exempt=("dicomnode.testing",)) == []
 
 
-@pytest.mark.xfail(strict=False, reason="benchmarks/latency.py still imports tests/support/model_toys")
 def test_benchmarks_and_tests_do_not_import_each_other() -> None:
     assert violations(("benchmarks",), (), ("tests",)) + violations(("tests",), (), ("benchmarks",)) == []
