@@ -10,7 +10,6 @@ A volume that fits in one patch is done whole (padded with air). Same input + sa
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ import torch
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
 from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
+from model.enhancers.precision import autocast, resolve_precision
 from model.enhancers.quantitation import preserve_local_mean
 from model.enhancers.tiling import CTAir, body_mask, run_tiled, tile_stride
 from model.grid import AIR_HU, ModelGrid
@@ -57,6 +57,7 @@ class DiffusionEnhancer(Enhancer):
         self.config = config
         self.options = options
         self.device = torch.device(options.device)
+        self.precision = resolve_precision(options.precision, self.device)  # fp32 or bf16
         self.steps = options.steps or config.sampler.steps
         overlap = options.tile_overlap
         self.tile_overlap = config.sampler.tile_overlap if overlap is None else overlap
@@ -132,11 +133,6 @@ class DiffusionEnhancer(Enhancer):
         self.timings[stage] = self.timings.get(stage, 0.0) + now - started
         return now
 
-    def _autocast(self):  # noqa: ANN202 - a context manager
-        if self.options.autocast and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     @torch.inference_mode()
     def _run_tiles(
         self,
@@ -157,7 +153,7 @@ class DiffusionEnhancer(Enhancer):
         def run_batch(pet_tiles: np.ndarray, ct_tiles: np.ndarray | None) -> np.ndarray:
             started = time.perf_counter()
             xs = torch.from_numpy(pet_tiles[:, None]).to(self.device)
-            with self._autocast():
+            with autocast(self.precision, self.device):
                 z_ct = None
                 if ct_tiles is not None:
                     z_ct = model.diffusion.encode_ct(torch.from_numpy(ct_tiles[:, None]).to(self.device))
@@ -220,11 +216,11 @@ class DiffusionEnhancer(Enhancer):
         if progress:
             progress(0.0, "resample")
         pet_clean = np.nan_to_num(pet_bqml.astype(np.float32), nan=0.0)
-        ct_used = ct_hu.astype(np.float32) if ct_hu is not None and self.model.diffusion.uses_ct else None
+        uses_ct = ct_hu is not None and self.model.diffusion.uses_ct
+        ct_used = np.asarray(ct_hu, dtype=np.float32) if uses_ct else None
         grid = self._model_grid(pet_clean, ct_used, spacing_mm)
         pet_iso = grid.onto(pet_clean, default=0.0)
         ct_iso = grid.onto(ct_used, default=AIR_HU) if ct_used is not None else None
-        del ct_used  # the PET grid's CT is no longer needed: a total-body CT is hundreds of MB
         started = self._timed("resample", started)
 
         norm = self.config.normalisation
@@ -248,8 +244,11 @@ class DiffusionEnhancer(Enhancer):
         air_pet_limit = (self.options.air_max_bqml - offset) / scale
         self._timed("normalise", started)  # includes placing the LPET on the schedule (noise index)
         out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress, air_pet_limit)
+        # Volume-sized arrays no longer needed: a total-body study holds several hundred MB each.
+        del x_norm, ct_iso
         started = time.perf_counter()
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
+        del out_norm
         if self.config.sampler.local_mean_fwhm_mm > 0:
             out_iso = preserve_local_mean(
                 out_iso, pet_iso, fwhm_mm=self.config.sampler.local_mean_fwhm_mm,
@@ -259,7 +258,7 @@ class DiffusionEnhancer(Enhancer):
 
         out = grid.back(out_iso, outside=pet_clean)  # beyond the crop: the input, as for tiles of air
         # Activity is non-negative; decoder ringing below zero is not (and uint16 DICOM cannot hold it).
-        out = np.clip(out, 0.0, None).astype(np.float32)
+        out = np.maximum(out, 0.0, out=out).astype(np.float32, copy=False)  # out is this call's own array
         self._timed("resample_back", started)
         if progress:
             progress(1.0, "done")

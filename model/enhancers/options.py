@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.enhancers.precision import PRECISIONS
+
 __all__ = ["DEFAULT_OPTIONS", "TILING_MODES", "InferenceOptions"]
 
 #: ``auto``: tiles of the training patch (the whole volume when it fits in one); ``whole``: one pass.
@@ -25,7 +27,8 @@ class InferenceOptions:
     checkpoint's. ``skip_air_ct``: with a CT, tiles whose CT is air (≤ ``air_hu`` everywhere: no
     patient) and whose PET stays below ``air_max_bqml`` are kept as they are (outside the body a
     10 %-dose MLEM LPET stayed below ≈1100 Bq/ml; tissue beyond a smaller CT field of view does not).
-    ``autocast``: bf16 autocast, on CUDA only (off by default: its quality is not verified yet).
+    ``precision``: ``auto`` (bf16 autocast where the device computes bf16 natively, else fp32),
+    ``fp32`` or ``bf16`` (:mod:`model.enhancers.precision`; benchmarks/results/speed.md measured it).
     ``crop_to_body``: with ``tiling="auto"``, the model grid covers only the box of what the tiles
     would run plus a tile's margin (:class:`model.grid.ModelGrid`); the body's output is the same,
     beyond the box the output is the input (as for tiles of air); off: the whole field of view.
@@ -41,7 +44,7 @@ class InferenceOptions:
     skip_air_ct: bool = True
     air_hu: float = -900.0
     air_max_bqml: float = 1500.0
-    autocast: bool = False
+    precision: str = "auto"
     crop_to_body: bool = True
 
     def __post_init__(self) -> None:
@@ -51,6 +54,8 @@ class InferenceOptions:
             raise ValueError(f"dose_fraction must be in (0, 1], found {self.dose_fraction}")
         if self.tiling not in TILING_MODES:
             raise ValueError(f"tiling must be one of {', '.join(TILING_MODES)}, found {self.tiling!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, found {self.precision!r}")
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be ≥ 1, found {self.tile_batch}")
         if self.tile_overlap is not None and not 0 <= self.tile_overlap < 1:

@@ -64,9 +64,14 @@ def gaussian_weights(patch: tuple[int, int, int]) -> np.ndarray:
 def pad_to_shape(
     array: np.ndarray, shape: tuple[int, ...], value: float
 ) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """``array`` padded at the far ends with ``value`` to at least ``shape``, and the crop that undoes it."""
+    """``array`` padded at the far ends with ``value`` to at least ``shape``, and the crop that undoes it.
+
+    ``array`` itself (no copy: a total-body volume is large) when it already has that size.
+    """
     pads = [(0, max(m - n, 0)) for n, m in zip(array.shape, shape, strict=True)]
     crop = tuple(slice(0, n) for n in array.shape)
+    if not any(after for _, after in pads):
+        return array, crop
     return np.pad(array, pads, constant_values=value), crop
 
 

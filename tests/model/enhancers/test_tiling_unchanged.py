@@ -23,6 +23,8 @@ from tests.support.model_toys import one_thread, tiny_checkpoint, tiny_phantom  
 
 SAVED = Path(__file__).parent / "data" / "tiled_outputs.npz"
 SPACING = (2.0, 2.0, 2.0)
+#: The cases pin the tiling bit for bit, not the rounding of a CPU's bf16 (benchmarks/speed.py checks it).
+FP32 = {"precision": "fp32"}
 
 
 def _patient_in_air() -> tuple[np.ndarray, np.ndarray]:
@@ -51,18 +53,18 @@ def outputs(folder: Path) -> dict[str, np.ndarray]:
     """Every case's enhanced volume, by name."""
     out = {}
     pet, ct = _patient_in_air()
-    options = InferenceOptions(device="cpu", steps=2, dose_fraction=0.1, seed=1, tile_batch=2)
+    options = InferenceOptions(device="cpu", steps=2, dose_fraction=0.1, seed=1, tile_batch=2, **FP32)
     enhancer = load_enhancer(str(tiny_checkpoint(folder, "ldm-p-ct")), options=options)
     out["diffusion_ct_air"] = enhancer.enhance_array(pet, ct, spacing_mm=SPACING)
     assert enhancer.tile_counts == {"tiles": 4, "run": 2, "skipped_air": 2}
     pet, _ = tiny_phantom(5, (16, 36, 36))
     enhancer = load_enhancer(
-        str(tiny_checkpoint(folder, "ldm")), options=InferenceOptions(device="cpu", steps=2, seed=2)
+        str(tiny_checkpoint(folder, "ldm")), options=InferenceOptions(device="cpu", steps=2, seed=2, **FP32)
     )
     out["diffusion_gaussian"] = enhancer.enhance_array(pet, None, spacing_mm=SPACING)
     pet, _ = tiny_phantom(6, (8, 20, 20))
     enhancer = load_enhancer(
-        str(tiny_checkpoint(folder, "ldm-p")), options=InferenceOptions(device="cpu", steps=2, seed=0)
+        str(tiny_checkpoint(folder, "ldm-p")), options=InferenceOptions(device="cpu", steps=2, seed=0, **FP32)
     )
     out["diffusion_whole"] = enhancer.enhance_array(pet, None, spacing_mm=(2.5, 2.0, 2.0))
     pet, _ = tiny_phantom(7, (12, 24, 28))
