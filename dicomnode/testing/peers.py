@@ -215,12 +215,16 @@ class NodeProcess:
             )
         finally:
             log.close()
-        wait_for(
-            self._answers_echo,
-            timeout=timeout,
-            interval=0.2,
-            what=f"the node to answer C-ECHO ({self.output})",
-        )
+        try:
+            wait_for(
+                self._answers_echo,
+                timeout=timeout,
+                interval=0.2,
+                what=f"the node to answer C-ECHO ({self.output})",
+            )
+        except BaseException:
+            self.kill()  # a node that never answered must not outlive the test that started it
+            raise
         return self
 
     def _answers_echo(self) -> bool:
