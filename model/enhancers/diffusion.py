@@ -58,6 +58,10 @@ class DiffusionEnhancer(Enhancer):
         self.options = options
         self.device = torch.device(options.device)
         self.precision = resolve_precision(options.precision, self.device)  # fp32 or bf16
+        self.memory_format = torch.contiguous_format
+        if options.channels_last and self.device.type == "cpu":
+            self.memory_format = torch.channels_last_3d
+            self.model = self.model.to(memory_format=self.memory_format)
         self.steps = options.steps or config.sampler.steps
         overlap = options.tile_overlap
         self.tile_overlap = config.sampler.tile_overlap if overlap is None else overlap
@@ -133,6 +137,10 @@ class DiffusionEnhancer(Enhancer):
         self.timings[stage] = self.timings.get(stage, 0.0) + now - started
         return now
 
+    def _tensor(self, tiles: np.ndarray) -> torch.Tensor:
+        """``(B, *tile)`` tiles as a ``(B, 1, *tile)`` tensor on the device, in the networks' layout."""
+        return torch.from_numpy(tiles[:, None]).to(self.device).contiguous(memory_format=self.memory_format)
+
     @torch.inference_mode()
     def _run_tiles(
         self,
@@ -152,11 +160,11 @@ class DiffusionEnhancer(Enhancer):
 
         def run_batch(pet_tiles: np.ndarray, ct_tiles: np.ndarray | None) -> np.ndarray:
             started = time.perf_counter()
-            xs = torch.from_numpy(pet_tiles[:, None]).to(self.device)
+            xs = self._tensor(pet_tiles)
             with autocast(self.precision, self.device):
                 z_ct = None
                 if ct_tiles is not None:
-                    z_ct = model.diffusion.encode_ct(torch.from_numpy(ct_tiles[:, None]).to(self.device))
+                    z_ct = model.diffusion.encode_ct(self._tensor(ct_tiles))
                 z_lpet = model.autoencoder.encode(xs).mean.float() * scale
                 # One start per tile, in tile order: the Gaussian variants' noise, drawn from the one
                 # generator, is then the same whatever the batch size.

@@ -1,4 +1,5 @@
-"""Inference precision: ``auto`` is bf16 only where the CPU computes it natively; bf16 stays close."""
+"""Inference precision and layout: ``auto`` is bf16 only where the CPU has it natively; bf16 and
+channels-last stay close to float32 in the contiguous layout."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def test_bf16_output_stays_close_to_float32(tmp_path) -> None:
     assert not np.array_equal(a, b)  # bf16 did run
     # bf16 keeps 8 bits of mantissa: a random tiny model's output moves by well under 5 % of its range.
     assert float(np.abs(a - b)[body].max()) < 0.05 * float(a.max() - a.min())
+
+
+def test_channels_last_gives_the_contiguous_layouts_output(tmp_path) -> None:
+    path = str(tiny_checkpoint(tmp_path, "ldm-p-ct"))
+    pet, ct = tiny_phantom(2, (16, 32, 32))
+    outputs = []
+    for channels_last in (False, True):
+        options = InferenceOptions(device="cpu", steps=2, dose_fraction=0.1, precision="fp32",
+                                   channels_last=channels_last)
+        enhancer = load_enhancer(path, options=options)
+        outputs.append(enhancer.enhance_array(pet, ct, spacing_mm=(2.0, 2.0, 2.0)))
+    span = float(outputs[0].max() - outputs[0].min())
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-4 * span)

@@ -23,8 +23,9 @@ from tests.support.model_toys import one_thread, tiny_checkpoint, tiny_phantom  
 
 SAVED = Path(__file__).parent / "data" / "tiled_outputs.npz"
 SPACING = (2.0, 2.0, 2.0)
-#: The cases pin the tiling bit for bit, not the rounding of a CPU's bf16 (benchmarks/speed.py checks it).
-FP32 = {"precision": "fp32"}
+#: The cases pin the tiling bit for bit, not the rounding of a CPU's bf16 or of oneDNN's channels-last
+#: kernels (benchmarks/speed.py and test_precision check those).
+FP32 = {"precision": "fp32", "channels_last": False}
 
 
 def _patient_in_air() -> tuple[np.ndarray, np.ndarray]:
