@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pynetdicom.transport import ThreadedAssociationServer
+
 from dicomnode import metrics, sdnotify
 from dicomnode.assembler import Assembler, CtPolicy
 from dicomnode.audit import AuditLog
@@ -143,24 +145,8 @@ def _serve(
         requires_ct=info.requires_ct,
         has_without_ct_variant=enhancers.without_ct is not None,
     )
-    sender = Sender(jobs, audit, settings, storage_root=settings.storage.root)
-    worker = Worker(jobs, store, enhancers, settings, destinations=sender.destination_keys())
-    assembler = Assembler(db, jobs, audit, settings=settings.assembly, policy=policy)
-
-    retention = Retention(
-        db,
-        settings.storage.root,
-        audit,
-        retention_days=settings.storage.retention_days,
-        interval_s=intervals.retention_s,
-    )
     halt = threading.Event()
-    threads = [
-        _loop("assembler", lambda: assembler.poll() and True, intervals.assembler_s, halt),
-        _loop("worker", worker.run_once, intervals.worker_s, halt),
-        _loop("sender", sender.run_once, intervals.sender_s, halt),
-        _loop("retention", retention.run_once, min(60.0, intervals.retention_s), halt),
-    ]
+    threads = _start_loops(settings, db, audit, store, jobs, enhancers, policy, intervals, halt)
     ctx = ScpContext(
         settings, store, audit, is_our_series=jobs.is_our_series, is_derived_by_us=is_derived_by_us
     )
@@ -178,32 +164,8 @@ def _serve(
         )
         halt.set()
         return 1
+    _announce_start(settings, audit, enhancers, resumed=resumed, stale=stale)
     node = settings.node
-    audit.record(
-        "node_started",
-        ae_title=node.ae_title,
-        host=node.host,
-        port=node.port,
-        tls=settings.access.tls is not None,
-        enhancer=info.name,
-        enhancer_version=info.version,
-        enhancer_without_ct=enhancers.without_ct.info.version if enhancers.without_ct else "none",
-        resumed_jobs=resumed,
-        stale_temp_files=stale,
-        destinations=len(settings.destinations),
-    )
-    log.info(
-        "listening",
-        extra={
-            "fields": {
-                "ae": node.ae_title,
-                "host": node.host,
-                "port": node.port,
-                "enhancer": info.name,
-                "resumed_jobs": resumed,
-            }
-        },
-    )
     # Heartbeat file, /metrics and /healthz: what `upete status` and monitoring see of this process.
     def alive() -> dict[str, bool]:
         return {"scp": scp_alive(server), **{t.name.removeprefix("upete-"): t.is_alive() for t in threads}}
@@ -218,20 +180,85 @@ def _serve(
         while not stop.wait(0.5):
             monitor.tick()
     finally:
-        sdnotify.stopping("stopping: finishing associations and jobs under way")
-        server.shutdown()  # no new associations
-        halt.set()
-        deadline = time.monotonic() + intervals.stop_grace_s
-        # Associations under way may finish within the grace period; the rest are aborted, so their
-        # senders retry what was not acknowledged (nothing acknowledged is lost either way).
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for assoc in server.active_associations:
-            assoc.abort()
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        unfinished = [t.name for t in threads if t.is_alive()]
-        monitor.close()
-        audit.record("node_stopped", unfinished_threads=",".join(unfinished) or "none")
-        log.info("stopped", extra={"fields": {"unfinished_threads": ",".join(unfinished) or "none"}})
+        _stop(server, threads, halt, monitor, audit, grace_s=intervals.stop_grace_s)
     return 0
+
+
+def _start_loops(
+    settings: Settings,
+    db: Database,
+    audit: AuditLog,
+    store: InstanceStore,
+    jobs: JobQueue,
+    enhancers: Enhancers,
+    policy: CtPolicy,
+    intervals: Intervals,
+    halt: threading.Event,
+) -> list[threading.Thread]:
+    """The assembler, worker, sender and retention loops, started; each ends once ``halt`` is set."""
+    sender = Sender(jobs, audit, settings, storage_root=settings.storage.root)
+    worker = Worker(jobs, store, enhancers, settings, destinations=sender.destination_keys())
+    assembler = Assembler(db, jobs, audit, settings=settings.assembly, policy=policy)
+    retention = Retention(
+        db,
+        settings.storage.root,
+        audit,
+        retention_days=settings.storage.retention_days,
+        interval_s=intervals.retention_s,
+    )
+    return [
+        _loop("assembler", lambda: assembler.poll() and True, intervals.assembler_s, halt),
+        _loop("worker", worker.run_once, intervals.worker_s, halt),
+        _loop("sender", sender.run_once, intervals.sender_s, halt),
+        _loop("retention", retention.run_once, min(60.0, intervals.retention_s), halt),
+    ]
+
+
+def _announce_start(settings: Settings, audit: AuditLog, enhancers: Enhancers, *, resumed: int,
+                    stale: int) -> None:
+    """The ``node_started`` audit line and the ``listening`` log line."""
+    node, info = settings.node, enhancers.main.info
+    audit.record(
+        "node_started",
+        ae_title=node.ae_title,
+        host=node.host,
+        port=node.port,
+        tls=settings.access.tls is not None,
+        enhancer=info.name,
+        enhancer_version=info.version,
+        enhancer_without_ct=enhancers.without_ct.info.version if enhancers.without_ct else "none",
+        resumed_jobs=resumed,
+        stale_temp_files=stale,
+        destinations=len(settings.destinations),
+    )
+    fields = {"ae": node.ae_title, "host": node.host, "port": node.port, "enhancer": info.name,
+              "resumed_jobs": resumed}
+    log.info("listening", extra={"fields": fields})
+
+
+def _stop(
+    server: ThreadedAssociationServer,
+    threads: list[threading.Thread],
+    halt: threading.Event,
+    monitor: NodeMonitor,
+    audit: AuditLog,
+    *,
+    grace_s: float,
+) -> None:
+    """Stop accepting, let work under way finish within ``grace_s``, abort what is left, record it."""
+    sdnotify.stopping("stopping: finishing associations and jobs under way")
+    server.shutdown()  # no new associations
+    halt.set()
+    deadline = time.monotonic() + grace_s
+    # Associations under way may finish within the grace period; the rest are aborted, so their
+    # senders retry what was not acknowledged (nothing acknowledged is lost either way).
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for assoc in server.active_associations:
+        assoc.abort()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    unfinished = ",".join(t.name for t in threads if t.is_alive()) or "none"
+    monitor.close()
+    audit.record("node_stopped", unfinished_threads=unfinished)
+    log.info("stopped", extra={"fields": {"unfinished_threads": unfinished}})
