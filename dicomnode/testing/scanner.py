@@ -271,36 +271,8 @@ def write_pet_series(
                            series_uid=series_uid, series_number=series_number,
                            series_description=series_description, series_time=study.acquisition_time)
         ds.SOPInstanceUID = generate_uid()
-        # PET Series
-        ds.Units = units
-        ds.CountsSource = "EMISSION"
-        ds.SeriesType = ["WHOLE BODY", "IMAGE"]
-        ds.CorrectedImage = corrected
-        ds.RandomsCorrectionMethod = "DLYD"
-        if attenuation_corrected:
-            ds.AttenuationCorrectionMethod = "CT-based"
-            ds.ScatterCorrectionMethod = "Model-based"
-        ds.DecayCorrection = "START"
-        ds.ReconstructionMethod = "OSEM 3i21s"
-        ds.CollimatorType = "NONE"
-        ds.NumberOfSlices = n_slices
-        # PET Isotope
-        radio = Dataset()
-        radio.Radiopharmaceutical = "Fluorodeoxyglucose"
-        radio.RadiopharmaceuticalStartTime = study.injection_time
-        radio.RadiopharmaceuticalStartDateTime = study.study_date + study.injection_time
-        radio.RadionuclideTotalDose = _ds(study.injected_activity_bq)
-        radio.RadionuclideHalfLife = _ds(study.half_life_s)
-        radio.RadionuclidePositronFraction = "0.9686"
-        radio.RadionuclideCodeSequence = DicomSequence([_code("77004003", "SCT", "^18^Fluorine")])
-        radio.RadiopharmaceuticalCodeSequence = DicomSequence(
-            [_code("35321007", "SCT", "Fluorodeoxyglucose F^18^")])
-        ds.RadiopharmaceuticalInformationSequence = DicomSequence([radio])
-        # NM/PET Patient Orientation: recumbent, supine, head first
-        orient = _code("102538003", "SCT", "recumbent")
-        orient.PatientOrientationModifierCodeSequence = DicomSequence([_code("40199007", "SCT", "supine")])
-        ds.PatientOrientationCodeSequence = DicomSequence([orient])
-        ds.PatientGantryRelationshipCodeSequence = DicomSequence([_code("102540008", "SCT", "headfirst")])
+        _set_pet_series(ds, study, units=units, corrected=corrected, n_slices=n_slices,
+                        attenuation_corrected=attenuation_corrected)
         # General Image
         ds.InstanceNumber = k + 1
         ds.ContentDate = study.study_date
@@ -328,6 +300,41 @@ def write_pet_series(
         _save(ds, path, transfer_syntax)
         paths.append(path)
     return [paths[i] for i in order]
+
+
+def _set_pet_series(ds: Dataset, study: StudyInfo, *, units: str, corrected: list[str], n_slices: int,
+                    attenuation_corrected: bool) -> None:
+    """The PET Series, PET Isotope and NM/PET Patient Orientation modules, as a scanner fills them."""
+    # PET Series
+    ds.Units = units
+    ds.CountsSource = "EMISSION"
+    ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+    ds.CorrectedImage = corrected
+    ds.RandomsCorrectionMethod = "DLYD"
+    if attenuation_corrected:
+        ds.AttenuationCorrectionMethod = "CT-based"
+        ds.ScatterCorrectionMethod = "Model-based"
+    ds.DecayCorrection = "START"
+    ds.ReconstructionMethod = "OSEM 3i21s"
+    ds.CollimatorType = "NONE"
+    ds.NumberOfSlices = n_slices
+    # PET Isotope
+    radio = Dataset()
+    radio.Radiopharmaceutical = "Fluorodeoxyglucose"
+    radio.RadiopharmaceuticalStartTime = study.injection_time
+    radio.RadiopharmaceuticalStartDateTime = study.study_date + study.injection_time
+    radio.RadionuclideTotalDose = _ds(study.injected_activity_bq)
+    radio.RadionuclideHalfLife = _ds(study.half_life_s)
+    radio.RadionuclidePositronFraction = "0.9686"
+    radio.RadionuclideCodeSequence = DicomSequence([_code("77004003", "SCT", "^18^Fluorine")])
+    radio.RadiopharmaceuticalCodeSequence = DicomSequence(
+        [_code("35321007", "SCT", "Fluorodeoxyglucose F^18^")])
+    ds.RadiopharmaceuticalInformationSequence = DicomSequence([radio])
+    # NM/PET Patient Orientation: recumbent, supine, head first
+    orient = _code("102538003", "SCT", "recumbent")
+    orient.PatientOrientationModifierCodeSequence = DicomSequence([_code("40199007", "SCT", "supine")])
+    ds.PatientOrientationCodeSequence = DicomSequence([orient])
+    ds.PatientGantryRelationshipCodeSequence = DicomSequence([_code("102540008", "SCT", "headfirst")])
 
 
 def _add_scanner_sins(ds: Dataset) -> None:
