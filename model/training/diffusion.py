@@ -267,7 +267,7 @@ class _Run:
 
     def _seconds(self) -> float:
         """Wall time of this run so far, over every invocation that resumed it."""
-        return round(self.seconds_before + time.monotonic() - self.t_start, 1)
+        return round(self.seconds_before + time.monotonic() - self.t_start, 3)
 
     def _maybe_save(self, last_save: float) -> float:
         if time.monotonic() - last_save >= self.settings.checkpoint_every_s:

@@ -199,7 +199,7 @@ def train_supervised(
             "config": config.to_json(),
             "numpy_rng": rng.bit_generator.state,
             "losses": losses,
-            "seconds": round(seconds_before + time.monotonic() - started, 1),
+            "seconds": round(seconds_before + time.monotonic() - started, 3),
         }
         save_training_state(
             state_path,
@@ -236,7 +236,7 @@ def train_supervised(
         model,
         steps=settings.steps,
         final_loss=round(float(np.mean(recent)), 6) if recent else None,
-        seconds=round(seconds_before + time.monotonic() - started, 1),
+        seconds=round(seconds_before + time.monotonic() - started, 3),
     )
     final = dataclasses.replace(config, training=training, software_version=software_version())
     # The shipped weights are the EMA's: smoother and better than the last step's.

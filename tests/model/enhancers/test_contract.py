@@ -50,6 +50,7 @@ class Contract:
 
     linear = False
     activity_rtol = 0.0
+    repeat_atol = 0.0  # of the output's maximum: a second run gives the same output, bit for bit
 
     def make(self, folder: Path) -> Enhancer:
         raise NotImplementedError
@@ -89,7 +90,7 @@ class Contract:
         pet, ct, _ = phantom
         first = sitk.GetArrayFromImage(self._run(enhancer, pet, ct))
         again = sitk.GetArrayFromImage(self._run(self.make(tmp_path), pet, ct))  # a second instance
-        np.testing.assert_array_equal(first, again)
+        np.testing.assert_allclose(first, again, rtol=0, atol=self.repeat_atol * float(np.abs(first).max()))
 
     def test_a_ct_is_demanded_or_ignored_as_the_info_says(self, enhancer, phantom) -> None:
         pet, ct, _ = phantom
@@ -129,6 +130,8 @@ class TestNonLocalMeans(Contract):
 class TestBM4D(Contract):
     # Not linear: its block matching and thresholds on √activity move a few % of voxels with the scale.
     activity_rtol = 0.02
+    # Its compiled library sums in threads: under load two runs differ by float rounding, not more.
+    repeat_atol = 1e-4
 
     def make(self, folder: Path) -> Enhancer:
         return make_baseline("bm4d")
