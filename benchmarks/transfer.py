@@ -9,7 +9,8 @@ LPET goes out as a DICOM PET series and the CT as a CT series (dicomnode.testing
 50 cm field of view is padded with air (−1000 HU) to the PET's where the PET's is wider, as a
 scanner's extended-FOV CTAC does (the node would give the model the same air outside a 50 cm CT).
 The node's path ``dicomnode.pipeline.enhance_series`` runs LDM-P-CT (with the CT) and LDM-P
-(without), dose unknown to the model, default steps; the derived series is read back with ``dicomnode.volume.load_series``.
+(without), dose unknown to the model, default steps; the derived series is read back with
+``dicomnode.volume.load_series``.
 
 Scores, all against the **noiseless expectation** inside the body (voxels at least half inside the
 phantom's outline), on the PET grid:
