@@ -25,7 +25,7 @@ readable; at 2 % very noisy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -43,6 +43,7 @@ __all__ = [
     "default_n_angles",
     "expected_counts",
     "get_projector",
+    "inject_dose_noise",
     "mu_map_from_ct",
     "perturb",
     "reconstruct",
@@ -290,6 +291,64 @@ def reconstruct(
     return image
 
 
+# -- forward processes of training: shared geometry ----------------------------------------------------
+@dataclass(frozen=True)
+class _Geometry:
+    """A volume ``x (..., Z, H, W)`` set up for the projector: square-padded activity in Bq/ml, the
+    projector, the per-volume dose tensor and the crop back to ``(H, W)``."""
+
+    activity: torch.Tensor
+    projector: ParallelBeamProjector
+    dose: torch.Tensor
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def physics(self, attenuation: torch.Tensor | None, slice_thickness_mm: float | None) -> dict:
+        """The keyword arguments that counting and reconstruction of this geometry share."""
+        return {
+            "projector": self.projector,
+            "attenuation": attenuation,
+            "slice_thickness_mm": slice_thickness_mm,
+        }
+
+    def to_units(self, image: torch.Tensor, bqml_per_unit: float, dtype: torch.dtype) -> torch.Tensor:
+        """``image (..., Z, N, N)`` in Bq/ml → cropped to ``(H, W)``, in the input's units and dtype."""
+        image = image[..., self.top : self.top + self.height, self.left : self.left + self.width]
+        return (image / bqml_per_unit).to(dtype)
+
+
+def _geometry(
+    x: torch.Tensor,
+    dose_fraction: float | torch.Tensor,
+    *,
+    pixel_size_mm: float,
+    bqml_per_unit: float,
+    n_angles: int | None,
+) -> _Geometry:
+    if x.dim() < 3:
+        raise ValueError(f"expected x of shape (..., Z, H, W), found {tuple(x.shape)}")
+    if bqml_per_unit <= 0:
+        raise ValueError(f"bqml_per_unit must be positive, found {bqml_per_unit}")
+    *lead, _, h, w = x.shape
+    size = max(h, w)
+    device = x.device
+    projector = get_projector(size, pixel_size_mm=pixel_size_mm, n_angles=n_angles, device=device)
+    activity = x.detach().to(torch.float32).clamp_min(0.0) * bqml_per_unit
+    top, left = (size - h) // 2, (size - w) // 2
+    if h != w:
+        activity = torch.nn.functional.pad(activity, (left, size - w - left, top, size - h - top))
+    # One dose per volume: aligned with x's leading dims, broadcast over Z by _dose_shape's padding.
+    dose = torch.as_tensor(dose_fraction, dtype=torch.float32, device=device)
+    if dose.dim() > len(lead):
+        raise ValueError(
+            f"dose_fraction of shape {tuple(dose.shape)} does not match x's leading {tuple(lead)}"
+        )
+    _dose_shape(dose, len(lead) + 1, device)  # validates (0, 1] with a message naming the value
+    return _Geometry(activity, projector, dose, top, left, h, w)
+
+
 # -- the Poisson diffusion's perturbation ------------------------------------------------------------
 def perturb(
     x: torch.Tensor,
@@ -314,44 +373,95 @@ def perturb(
     dtype. Non-square slices are zero-padded to a square for the projector and cropped back.
     ``attenuation``: survival factors ``(..., Z, A, S)`` from :func:`attenuation_factors` of the same
     padded geometry, or ``None`` for the scanner's uniform survival.
+
+    Given a *reconstructed* ``x`` this reconstructs its mean a second time (lower lesion contrast) and
+    adds noise on top of noise; :func:`inject_dose_noise` is the lower-dose acquisition of the same
+    patient that training should use.
     """
-    if x.dim() < 3:
-        raise ValueError(f"expected x of shape (..., Z, H, W), found {tuple(x.shape)}")
-    if bqml_per_unit <= 0:
-        raise ValueError(f"bqml_per_unit must be positive, found {bqml_per_unit}")
-    *lead, z, h, w = x.shape
-    size = max(h, w)
-    device = x.device
-    projector = get_projector(size, pixel_size_mm=pixel_size_mm, n_angles=n_angles, device=device)
-    activity = x.detach().to(torch.float32).clamp_min(0.0) * bqml_per_unit
-    if h != w:
-        top, left = (size - h) // 2, (size - w) // 2
-        activity = torch.nn.functional.pad(activity, (left, size - w - left, top, size - h - top))
-    # One dose per volume: aligned with x's leading dims, broadcast over Z by _dose_shape's padding.
-    dose = torch.as_tensor(dose_fraction, dtype=torch.float32, device=device)
-    if dose.dim() > len(lead):
-        raise ValueError(
-            f"dose_fraction of shape {tuple(dose.shape)} does not match x's leading {tuple(lead)}"
-        )
-    full = acquire_counts(
-        activity,
-        projector=projector,
-        scanner=scanner,
-        attenuation=attenuation,
-        slice_thickness_mm=slice_thickness_mm,
+    geo = _geometry(
+        x, dose_fraction, pixel_size_mm=pixel_size_mm, bqml_per_unit=bqml_per_unit, n_angles=n_angles
+    )
+    physics = geo.physics(attenuation, slice_thickness_mm)
+    full = acquire_counts(geo.activity, scanner=scanner, generator=generator, **physics)
+    counts = thin_counts(full, geo.dose, generator=generator)
+    image = reconstruct(
+        counts, recon=recon, scanner=scanner, dose_fraction=geo.dose, stack_is_volume=True, **physics
+    )
+    return geo.to_units(image, bqml_per_unit, x.dtype)
+
+
+# -- mean-preserving noise injection -----------------------------------------------------------------
+def inject_dose_noise(
+    x: torch.Tensor,
+    dose_fraction: float | torch.Tensor,
+    *,
+    scanner: ScannerModel = ScannerModel(),  # noqa: B008 - frozen dataclass, immutable default
+    recon: ReconSettings = ReconSettings(),  # noqa: B008
+    pixel_size_mm: float,
+    attenuation: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    bqml_per_unit: float = 1.0,
+    slice_thickness_mm: float | None = None,
+    n_angles: int | None = None,
+) -> torch.Tensor:
+    """A ``dose_fraction`` acquisition of the patient whose standard-dose image is ``x``, in ``x``'s units.
+
+    ``x_d = x + [R(thin(Poisson(A·x), d′)) / d′ − R(A·x)]`` with ``d′ = d / (1 − d)``: ``A·x`` the
+    expected prompt counts of a standard-dose acquisition of ``x`` (:func:`expected_counts`), ``R`` the
+    same ``recon`` as :func:`perturb` (``/d′`` is its dose gain), applied once to counts at level ``d′``
+    and once to the noiseless expected counts. Arguments, shapes and dtypes as :func:`perturb`.
+
+    Why this is a dose-``d`` image. A standard-dose reconstruction ``x = μ + n₁`` carries noise ``n₁`` of
+    covariance ``Σ`` (Poisson counts at the standard level, through ``R``). A real dose-``d`` image of
+    the same patient is ``μ + n_d`` with covariance ``Σ/d`` (``d`` times fewer counts, rescaled by
+    ``1/d``). The bracket has mean ≈ 0 (``R`` of the counts' mean minus ``R`` of the same mean: exact
+    for FBP, to first order for OSEM) and covariance ``Σ/d′ = Σ·(1/d − 1)``, independent of ``n₁``,
+    so ``x_d`` has mean ``μ`` and covariance ``Σ + Σ(1/d − 1) = Σ/d``: the SPET's own noise plus what a
+    real dose-``d`` acquisition adds on top of it. Unlike :func:`perturb` the mean is never
+    reconstructed a second time, so lesion and organ means stay those of ``x``. ``Σ`` is evaluated at
+    ``A·x`` rather than at the unknown true counts, a first-order approximation (the SPET's noise is
+    small beside the injected noise at the doses that matter). ``x_d`` is not clipped: clipping
+    would bias the mean; negative voxels occur where the noise exceeds the activity. Negative voxels
+    of ``x`` itself (FBP) count as no activity for ``A·x`` and are kept as they are in ``x_d``.
+
+    At ``d ≥ 0.5``, ``d′ ≥ 1`` and thinning cannot keep more than every count: the acquisition is then
+    made ``k = ⌈d′⌉`` times longer (a frame of ``k`` × the scanner's duration, i.e. the sum of ``k``
+    independent standard-dose Poisson draws) and thinned by ``d′/k ≤ 1``, which is again Poisson at
+    ``d′ ×`` the standard level. ``d = 1`` returns ``x`` (nothing to add); ``d → 1`` adds vanishing
+    noise.
+
+    The next training run should use this instead of :func:`perturb` as its forward process.
+    """
+    geo = _geometry(
+        x, dose_fraction, pixel_size_mm=pixel_size_mm, bqml_per_unit=bqml_per_unit, n_angles=n_angles
+    )
+    if bool((geo.dose == 1).all()):
+        return x.clone()
+    physics = geo.physics(attenuation, slice_thickness_mm)
+    # d = 1 has d′ = ∞ (no noise to add): its volumes get the bracket at an arbitrary d′ and are masked.
+    full_dose = geo.dose == 1
+    d = torch.where(full_dose, torch.full_like(geo.dose, 0.5), geo.dose)
+    d_prime = d / (1.0 - d)
+    # Count-level multiple k (one scanner for the whole batch, so the largest needed): the frame is
+    # k × longer and each volume thinned by d′/k ∈ (0, 1].
+    k = max(1, int(torch.ceil(d_prime.max()).item()))
+    longer = replace(scanner, frame_duration_s=scanner.frame_duration_s * k)
+    counts = thin_counts(
+        acquire_counts(geo.activity, scanner=longer, generator=generator, **physics),
+        d_prime / k,
         generator=generator,
     )
-    counts = thin_counts(full, dose, generator=generator)
-    image = reconstruct(
-        counts,
-        projector=projector,
+    noisy = reconstruct(
+        counts, recon=recon, scanner=longer, dose_fraction=d_prime / k, stack_is_volume=True, **physics
+    )
+    mean = reconstruct(
+        expected_counts(geo.activity, scanner=scanner, **physics),
         recon=recon,
         scanner=scanner,
-        dose_fraction=dose,
-        attenuation=attenuation,
-        slice_thickness_mm=slice_thickness_mm,
         stack_is_volume=True,
+        **physics,
     )
-    if h != w:
-        image = image[..., top : top + h, left : left + w]
-    return (image / bqml_per_unit).to(x.dtype)
+    noise = geo.to_units(noisy - mean, bqml_per_unit, torch.float32)
+    keep = (~full_dose).to(noise.dtype)
+    noise = noise * keep.reshape(*keep.shape, *([1] * (noise.dim() - keep.dim())))
+    return (x.to(torch.float32) + noise).to(x.dtype)
