@@ -26,6 +26,7 @@ __all__ = [
     "run_tiled",
     "split_air",
     "split_air_by_ct",
+    "split_by_mask",
     "tile_starts",
     "tile_stride",
     "tile_windows",
@@ -84,25 +85,37 @@ def tile_windows(corners: list[tuple[int, int, int]], size: tuple[int, int, int]
 
 
 def body_mask(
-    pet: np.ndarray,
+    pet: np.ndarray | None,
     ct_hu: np.ndarray | None = None,
     *,
     air_hu: float = -900.0,
     pet_limit: float | None = None,
 ) -> np.ndarray:
-    """The voxels a tile needs to hold for :func:`run_tiled` to run it, voxel by voxel.
+    """The voxels a tile needs to hold for :func:`run_tiled` to run it, voxel by voxel: the one rule
+    that :func:`split_air`, :func:`split_air_by_ct` and the crop to the body all follow.
 
     Without a CT (or ``air_hu``'s rule off: pass no CT) that is any non-zero PET (:func:`split_air`);
-    with one, CT above ``air_hu`` or, with ``pet_limit``, PET at or above it (:func:`split_air_by_ct`).
-    A tile holding none of these voxels is kept as it is, so cropping a volume to their bounding box
-    (plus a tile's margin) changes no tile that runs.
+    with one, CT above ``air_hu`` or, with ``pet`` and ``pet_limit``, PET at or above it
+    (:func:`split_air_by_ct`). A tile holding none of these voxels is kept as it is, so cropping a
+    volume to their bounding box (plus a tile's margin) changes no tile that runs.
     """
     if ct_hu is None:
+        if pet is None:
+            raise ValueError("body_mask needs a PET or a CT")
         return pet != 0
     body = ct_hu > air_hu
-    if pet_limit is not None:
+    if pet is not None and pet_limit is not None:
         body |= pet >= pet_limit
     return body
+
+
+def split_by_mask(mask: np.ndarray, windows: list[Window]) -> tuple[list[Window], list[Window]]:
+    """``(busy, air)``: the windows holding any voxel of ``mask`` (a :func:`body_mask`), and the others."""
+    busy: list[Window] = []
+    air: list[Window] = []
+    for w in windows:
+        (busy if mask[w].any() else air).append(w)
+    return busy, air
 
 
 def split_air(x: np.ndarray, windows: list[Window]) -> tuple[list[Window], list[Window]]:
@@ -111,11 +124,7 @@ def split_air(x: np.ndarray, windows: list[Window]) -> tuple[list[Window], list[
     A tile of pure air (no activity at all) has nothing to enhance, and a whole-body FOV is mostly air
     around the patient: enhancers keep such tiles as they are instead of running the network on them.
     """
-    busy: list[Window] = []
-    air: list[Window] = []
-    for w in windows:
-        (busy if np.any(x[w]) else air).append(w)
-    return busy, air
+    return split_by_mask(body_mask(x), windows)
 
 
 class Blender:
@@ -150,14 +159,7 @@ def split_air_by_ct(
     the patient (an arm) may be there: with ``pet`` and ``pet_limit`` a window also needs its PET below
     ``pet_limit`` everywhere to count as air.
     """
-    busy: list[Window] = []
-    air: list[Window] = []
-    for w in windows:
-        empty = float(ct_hu[w].max()) <= air_hu
-        if empty and pet is not None and pet_limit is not None:
-            empty = float(pet[w].max()) < pet_limit
-        (air if empty else busy).append(w)
-    return busy, air
+    return split_by_mask(body_mask(pet, ct_hu, air_hu=air_hu, pet_limit=pet_limit), windows)
 
 
 #: ``run_batch(pet_tiles, ct_tiles)``: ``(B, *tile)`` float32 arrays (``ct_tiles`` None without a CT)
