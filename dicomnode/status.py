@@ -24,7 +24,7 @@ from dicomnode.health import read_heartbeat
 from dicomnode.jobs import Job, JobQueue, JobState, JobVariant
 from dicomnode.preview import PREVIEW_PNG
 
-__all__ = ["SpoolSize", "collect_status", "render_text", "spool_bytes"]
+__all__ = ["SpoolSize", "collect_status", "format_size", "format_time", "render_text", "spool_bytes"]
 
 
 def _seconds(start: float | None, end: float | None) -> float | None:
@@ -171,11 +171,13 @@ def collect_status(
     }
 
 
-def _when(timestamp: float) -> str:
+def format_time(timestamp: float) -> str:
+    """Local date and time to the second, as the report shows them."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
-def _size(count: float) -> str:
+def format_size(count: float) -> str:
+    """Bytes in binary units (``1.5 GiB``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -206,8 +208,8 @@ def render_text(report: dict) -> str:
     if node.get("heartbeat") and node["heartbeat"].get("metrics_url") and node["running"]:
         lines.append(f"metrics   {node['heartbeat']['metrics_url']}/metrics  (health: /healthz)")
     warning = "  BELOW storage.min_free_mb: new instances are refused" if disk["below_min_free"] else ""
-    lines.append(f"disk      spool {_size(disk['spool_bytes'])} in {disk['spool']}; "
-                 f"{_size(disk['free_bytes'])} free of {_size(disk['total_bytes'])}{warning}")
+    lines.append(f"disk      spool {format_size(disk['spool_bytes'])} in {disk['spool']}; "
+                 f"{format_size(disk['free_bytes'])} free of {format_size(disk['total_bytes'])}{warning}")
     counts = report["job_counts"]
     states = ("queued", "running", "sending", "done", "failed")
     lines.append("jobs      " + ", ".join(f"{counts.get(s, 0)} {s}" for s in states))
@@ -215,7 +217,7 @@ def render_text(report: dict) -> str:
     if not report["jobs"]:
         lines.append("no jobs")
     for job in report["jobs"]:
-        created = _when(job["created_at"])
+        created = format_time(job["created_at"])
         lines.append(f"job {job['id']}  {job['state']}  created {created}  {_durations(job)}")
         lines.append(f"  study           {job['study_time'] or 'date unknown'}  {job['study_uid']}")
         lines.append(f"  PET series      {job['pet_series_uid']}")

@@ -28,7 +28,7 @@ from dicomnode.metrics import MetricsServer
 from dicomnode.preview import PREVIEW_PNG
 
 # The text report's formats, so that the page and `upete status` read alike.
-from dicomnode.status import SpoolSize, _size, _when, collect_status
+from dicomnode.status import SpoolSize, collect_status, format_size, format_time
 from model.enhance import EnhancerInfo
 from upete import __version__
 
@@ -126,10 +126,11 @@ def _node_section(report: dict, enhancers: Sequence[EnhancerInfo]) -> str:
         rows.append((label, f'{_e(info.name)} <span class="uid">{_e(info.version)}</span>'))
     low = ' <span class="bad">below storage.min_free_mb: new instances are refused</span>' \
         if disk["below_min_free"] else ""
-    rows.append(("Disk", f'{_e(_size(disk["free_bytes"]))} free of {_e(_size(disk["total_bytes"]))}; '
-                         f'spool {_e(_size(disk["spool_bytes"]))}{low}'))
+    free, total = format_size(disk["free_bytes"]), format_size(disk["total_bytes"])
+    spool = format_size(disk["spool_bytes"])
+    rows.append(("Disk", f"{_e(free)} free of {_e(total)}; spool {_e(spool)}{low}"))
     rows.append(("Jobs", ", ".join(f"{int(n)} {_e(state)}" for state, n in counts.items())))
-    rows.append(("Updated", _e(_when(report["generated_at"]))))
+    rows.append(("Updated", _e(format_time(report["generated_at"]))))
     items = "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in rows)
     return f"<dl>{items}</dl>"
 
@@ -168,10 +169,11 @@ def _job_row(job: dict) -> str:
         preview = (f'<a href="{url}"><img class="preview" src="{url}" '
                    f'alt="preview of job {int(job["id"])}" loading="lazy"></a>')
     count = f' ({int(job["output_instances"])} instances)' if job["output_instances"] is not None else ""
+    created, study = format_time(job["created_at"]), job["study_time"] or "date unknown"
     return (
         f'<tr id="job-{int(job["id"])}"><td>{int(job["id"])}</td>'
         f'<td><span class="state {_e(job["state"])}">{_e(job["state"])}</span>{reason}</td>'
-        f'<td>created {_e(_when(job["created_at"]))}<br>study {_e(job["study_time"] or "date unknown")}</td>'
+        f"<td>created {_e(created)}<br>study {_e(study)}</td>"
         f"<td>{_durations(job)}</td><td>{_uids(job)}{_e(count)}</td><td>{_sends(job)}</td><td>{preview}</td></tr>"
     )
 
@@ -181,7 +183,7 @@ def render_page(report: dict, *, enhancers: Sequence[EnhancerInfo] = (), refresh
     jobs = "".join(_job_row(job) for job in report["jobs"]) or '<tr><td colspan="7">no jobs</td></tr>'
     series = "".join(
         f'<tr><td class="uid">{_e(item["series_uid"])}</td><td class="uid">{_e(item["study_uid"])}</td>'
-        f'<td>{_e(item["state"])}</td><td>{_e(item["reason"])}</td><td>{_e(_when(item["updated_at"]))}</td></tr>'
+        f'<td>{_e(item["state"])}</td><td>{_e(item["reason"])}</td><td>{_e(format_time(item["updated_at"]))}</td></tr>'
         for item in report["series"]
     ) or '<tr><td colspan="5">none</td></tr>'
     return f"""<!DOCTYPE html>
