@@ -31,14 +31,20 @@ from dicomnode.pipeline import enhance_series
 from dicomnode.preview import write_job_preview
 from dicomnode.store import InstanceStore, fsync_dir
 from dicomnode.volume import VolumeError, read_headers
-from model.enhance import Enhancer, EnhancerInfo, load_enhancer
+from model.enhance import Enhancer, EnhancerInfo, InferenceOptions, load_enhancer
 
-__all__ = ["Enhancers", "Worker", "LEASE_S", "model_used"]
+__all__ = ["Enhancers", "Worker", "LEASE_S", "inference_options", "model_used"]
 
 log = logging.getLogger("upete.worker")
 
 #: A running job's lease; renewed at every progress report, so it only lapses for a stuck worker.
 LEASE_S = 600.0
+
+
+def inference_options(model: ModelSettings, *, device: str | None = None) -> InferenceOptions:
+    """The model's inference options from the config's ``model`` section (``device`` overrides it)."""
+    return InferenceOptions(device=device or model.device, steps=model.steps,
+                            dose_fraction=model.dose_fraction, seed=model.seed)
 
 
 @dataclass(frozen=True)
@@ -51,12 +57,8 @@ class Enhancers:
     @classmethod
     def load(cls, settings: Settings) -> Enhancers:
         """Build both from ``settings.model`` (raises what :func:`load_enhancer` raises)."""
-        from model.enhance import InferenceOptions
-
         model = settings.model
-        options = InferenceOptions(
-            device=model.device, steps=model.steps, dose_fraction=model.dose_fraction, seed=model.seed
-        )
+        options = inference_options(model)
         main = load_enhancer(resolve_checkpoint(model.checkpoint), options=options)
         without_ct = None
         if model.checkpoint_without_ct is not None:

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from dicomnode.folders import FolderError, find_series
     from dicomnode.pipeline import enhance_series
     from dicomnode.volume import VolumeError
-    from model.enhance import Enhancer, InferenceOptions, load_enhancer
+    from dicomnode.worker import inference_options
+    from model.enhance import Enhancer, load_enhancer
 
     try:
         pet_paths = find_series(args.pet, "PT")
@@ -59,9 +60,7 @@ def run(args: argparse.Namespace) -> int:
     spec = model.checkpoint
 
     def load(spec: str) -> Enhancer:
-        options = InferenceOptions(device=device, steps=model.steps, dose_fraction=model.dose_fraction,
-                                   seed=model.seed)
-        return load_enhancer(resolve_checkpoint(spec), options=options)
+        return load_enhancer(resolve_checkpoint(spec), options=inference_options(model, device=device))
 
     try:
         enhancer = load(spec)
