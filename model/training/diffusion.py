@@ -150,7 +150,12 @@ class _Run:
         settings = self.settings
         self.model = UPETeModel(self.config).to(self.device)
         if reuse_init:
-            self.model.autoencoder.load_state_dict(load_checkpoint(settings.init).autoencoder.state_dict())
+            init = load_checkpoint(settings.init)
+            self.model.autoencoder.load_state_dict(init.autoencoder.state_dict())
+            if settings.init_denoiser:
+                # Fine-tuning: the denoiser (and its CT encoder) start from the checkpoint's, before
+                # the EMA below copies them.
+                self.model.diffusion.load_state_dict(init.diffusion.state_dict())
             self.meta = {"stage": "denoiser", "step": 0}
         self.disc = PatchDiscriminator(
             DiscriminatorConfig(
@@ -188,6 +193,9 @@ class _Run:
             refresh=settings.pool_refresh,
             vary_recon=settings.vary_recon,
             spacing_mm=self.config.spacing_mm,
+            forward=settings.forward,
+            styles=settings.styles,
+            noise_curve=self.config.noise_curve,
             device=self.device,
             generator=self.generator,
         )
@@ -206,6 +214,18 @@ class _Run:
             latent_channels=init.autoencoder.latent_channels,
         )
         config = config_for(sizes, init.normalisation.scale_bqml, init.patch_size)
+        if self.settings.init_denoiser:
+            if init.variant != self.settings.variant:
+                raise ValueError(
+                    f"--init-denoiser: {path} is {init.variant.value}, not {self.settings.variant.value}"
+                )
+            config = dataclasses.replace(
+                config,
+                unet=init.unet,
+                ct_encoder=init.ct_encoder,
+                schedule=init.schedule,
+                sampler=init.sampler,
+            )
         return dataclasses.replace(
             config,
             autoencoder=init.autoencoder,
@@ -284,6 +304,10 @@ class _Run:
             "world_size": self.dist.world,
             "seed": self.settings.seed,
             "recons": sorted({r.name for choices in self.pool.recons for r in choices}),
+            "forward_process": self.pool.forward.value,
+            "scanner_styles": self.pool.styles,
+            "dose_range": list(self.pool.dose_range),
+            "init_denoiser": self.settings.init_denoiser,
             **extra,
         }
 
@@ -411,6 +435,8 @@ class _Run:
         loss_fn = self.dist.wrap(_DenoiserLoss(diffusion), self.device)
         schedule = diffusion.schedule
         start = self.meta["step"]
+        # Slabs are labelled with the step the node would estimate for them (the calibrated curve).
+        self.pool.noise_curve = self.config.noise_curve
         progress = ProgressLog(
             "denoiser", total=s.denoiser_steps, start=start, every_s=s.log_every_s, enabled=self.dist.main
         )

@@ -2,29 +2,50 @@
 
 A perturbed patch must come from perturbing **whole axial slices**: reconstructed PET noise depends
 on every line of response through the slice, so perturbing a cut-out patch as if it were the whole
-object gives the wrong noise. :class:`PerturbedPool` therefore perturbs slabs (``patch_z`` full
-slices) at a random step t — counts in the sinogram, binomial thinning to d_t, OSEM/FBP, via
-:func:`model.physics.perturb` — and crops patches from them. Every crop is an exact sample of the
-forward chain at its t; reusing a slab for a few crops only correlates neighbouring samples, which
-``refresh`` (slabs replaced per batch, may be fractional: 0.5 = one every other batch) trades against
-time. Reconstruction settings vary per slab:
-a model that has seen one noise texture loses much of its gain on another.
+object gives the wrong noise. :class:`PerturbedPool` therefore makes slabs (``patch_z`` full slices)
+at a random dose — counts in the sinogram, binomial thinning, FBP/OSEM — and crops patches from them.
+Reusing a slab for a few crops only correlates neighbouring samples, which ``refresh`` (slabs
+replaced per batch, may be fractional: 0.5 = one every other batch) trades against time.
+
+The forward process (:class:`ForwardProcess`) is by default :func:`model.physics.inject_dose_noise`,
+a real lower-dose acquisition of the patient (mean kept, noise of that dose); ``perturb`` re-projects
+the reconstructed SPET (the first runs', kept to reproduce them). With ``styles`` each slab is made on
+the native grid of a random scanner style (:mod:`model.training.styles`) and both clean and noisy slabs
+are resampled onto the model grid as inference does: a model that has seen one noise texture loses
+much of its gain on another.
+
+Doses are drawn log-uniformly over ``dose_range`` (1–100 % by default: the doses users meet). The step
+t a slab is labelled with is where the node would place it: with a ``noise_curve`` (a calibrated
+autoencoder's) the curve's t for the slab's measured noise index — the very estimate the node makes
+when no dose is given, so training and inference agree on t whatever the reconstruction — otherwise
+t of its dose on the schedule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from model.grid import AIR_HU
+from model.networks.noise_level import NoiseCurve, noise_index
 from model.training.data import TrainingCase, body_candidates, pad_to, random_patch_origin
+from model.training.styles import ScannerStyle, draw_style, to_model_grid, to_native
 
-__all__ = ["PatchBatch", "PatchSampler", "PerturbedPool", "recon_variants"]
+__all__ = ["ForwardProcess", "PatchBatch", "PatchSampler", "PerturbedPool", "recon_variants"]
+
+
+class ForwardProcess(str, Enum):
+    """How a training LPET is made from the SPET; the value is the spelling in settings and files."""
+
+    INJECT = "inject"  # mean-preserving noise injection: a real lower-dose acquisition
+    PERTURB = "perturb"  # re-projection of the reconstructed SPET (blurs the mean a second time)
 
 
 @dataclass
@@ -142,6 +163,7 @@ class _Slab:
     case: int
     z0: int
     t: int
+    clean: np.ndarray  # (pz, Y, X) Bq/ml: the SPET as the slab's scanner style shows it
     noisy: np.ndarray  # (pz, Y, X) Bq/ml
     candidates: np.ndarray  # body voxels of the clean slab (flat indices), crop centres
 
@@ -149,8 +171,9 @@ class _Slab:
 class PerturbedPool:
     """A pool of perturbed slabs; :meth:`batch` crops ``(clean, noisy, ct, t)`` patches from it.
 
-    ``timesteps`` (T) and ``dose_min`` define d_t = d_min^(t/T). Each :meth:`batch` call first
-    replaces ``refresh`` slabs on average (all of them on the first call; a fraction accumulates).
+    ``timesteps`` (T) and ``dose_min`` define the schedule d_t = d_min^(t/T). Each :meth:`batch` call
+    first replaces ``refresh`` slabs on average (all of them on the first call; a fraction
+    accumulates). ``forward``, ``styles``, ``dose_range`` and ``noise_curve``: see the module's notes.
     """
 
     def __init__(
@@ -164,6 +187,10 @@ class PerturbedPool:
         vary_recon: bool = True,
         spacing_mm: float = 2.0,
         use_ct_attenuation: bool = True,
+        forward: ForwardProcess | str = ForwardProcess.INJECT,
+        styles: bool = False,
+        dose_range: tuple[float, float] = (0.01, 1.0),
+        noise_curve: NoiseCurve | None = None,
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -171,11 +198,17 @@ class PerturbedPool:
 
         if size < 1 or refresh < 0:
             raise ValueError(f"pool size ({size}) must be ≥ 1 and refresh ({refresh}) ≥ 0")
+        if not 0 < dose_range[0] <= dose_range[1] <= 1:
+            raise ValueError(f"dose_range must satisfy 0 < low ≤ high ≤ 1, found {dose_range}")
         self.sampler = sampler
         self.timesteps = timesteps
         self.dose_min = dose_min
         self.size = size
         self.refresh = refresh
+        self.forward = ForwardProcess(forward)
+        self.styles = styles
+        self.dose_range = dose_range
+        self.noise_curve = noise_curve
         self._due = 0.0
         # Per case: the reconstruction and count level the SPET was made with when the data say
         # (simulated cases), the defaults otherwise; the first choice is that base setting.
@@ -195,53 +228,121 @@ class PerturbedPool:
     def dose(self, t: int) -> float:
         return float(self.dose_min ** (t / self.timesteps))
 
-    def perturb_slab(self, case: int, z0: int, t: int, *, recon=None) -> np.ndarray:  # noqa: ANN001
-        """Perturb full axial slices ``z0 … z0+patch_z`` of a case to step ``t``; ``(pz, Y, X)`` Bq/ml.
+    def t_of_dose(self, dose: float) -> int:
+        return int(round(min(self.timesteps * math.log(dose) / math.log(self.dose_min), self.timesteps)))
 
-        ``recon`` (a ``ReconSettings``) defaults to a random choice among the case's variants.
-        """
-        from model.physics import attenuation_factors, get_projector, mu_map_from_ct, perturb
+    def _attenuation(self, ct: np.ndarray, size: int, pixel_mm: float) -> torch.Tensor:
+        """Survival factors of ``ct (pz, H, W)`` padded to the centred ``size`` square, as the physics
+        pads the activity."""
+        from model.physics import attenuation_factors, get_projector, mu_map_from_ct
 
-        rng = self.sampler.rng
-        choices = self.recons[case]
-        recon = recon or choices[int(rng.integers(len(choices)))]
-        pz = self.sampler.patch[0]
-        pet = torch.from_numpy(self.sampler.pet[case][z0 : z0 + pz]).to(self.device)
+        h, w = ct.shape[-2:]
+        top, left = (size - h) // 2, (size - w) // 2
+        ct_sq = F.pad(
+            torch.from_numpy(np.ascontiguousarray(ct)).to(self.device),
+            (left, size - w - left, top, size - h - top),
+            value=AIR_HU,
+        )
+        projector = get_projector(size, pixel_size_mm=pixel_mm, device=self.device)
+        return attenuation_factors(projector, mu_map_from_ct(ct_sq)).clamp_min(1e-6)
+
+    def _acquire(  # noqa: PLR0913 - the physics of one slab
+        self,
+        pet: np.ndarray,
+        ct: np.ndarray | None,
+        dose: float,
+        *,
+        recon,  # noqa: ANN001 - ReconSettings
+        scanner,  # noqa: ANN001 - ScannerModel
+        pixel_mm: float,
+        slice_mm: float | None,
+    ) -> np.ndarray:
+        """``pet (pz, H, W)`` Bq/ml on a grid of ``pixel_mm`` → its dose-``dose`` image, same grid."""
+        from model.physics import inject_dose_noise, perturb
+
         attenuation = None
-        ct = self.sampler.ct[case]
         if self.use_ct_attenuation and ct is not None:
-            h, w = pet.shape[-2:]
-            size = max(h, w)
-            top, left = (size - h) // 2, (size - w) // 2
-            # Same centred square padding that perturb() applies to the activity.
-            ct_sq = F.pad(
-                torch.from_numpy(ct[z0 : z0 + pz]).to(self.device),
-                (left, size - w - left, top, size - h - top),
-                value=AIR_HU,
-            )
-            projector = get_projector(size, pixel_size_mm=self.spacing_mm, device=self.device)
-            attenuation = attenuation_factors(projector, mu_map_from_ct(ct_sq)).clamp_min(1e-6)
-        noisy = perturb(
-            pet,
-            self.dose(t),
-            scanner=self.scanners[case],
+            attenuation = self._attenuation(ct, max(pet.shape[-2:]), pixel_mm)
+        process = inject_dose_noise if self.forward is ForwardProcess.INJECT else perturb
+        noisy = process(
+            torch.from_numpy(np.ascontiguousarray(pet)).to(self.device),
+            dose,
+            scanner=scanner,
             recon=recon,
-            pixel_size_mm=self.spacing_mm,
+            pixel_size_mm=pixel_mm,
+            slice_thickness_mm=slice_mm,
             attenuation=attenuation,
             generator=self.generator,
         )
         return noisy.cpu().numpy()
 
+    def perturb_slab(self, case: int, z0: int, t: int, *, recon=None) -> np.ndarray:  # noqa: ANN001
+        """Full axial slices ``z0 … z0+patch_z`` of a case at step ``t``'s dose on the model grid;
+        ``(pz, Y, X)`` Bq/ml. ``recon`` (a ``ReconSettings``) defaults to a random choice among the
+        case's variants."""
+        rng = self.sampler.rng
+        choices = self.recons[case]
+        recon = recon or choices[int(rng.integers(len(choices)))]
+        pz = self.sampler.patch[0]
+        ct = self.sampler.ct[case]
+        return self._acquire(
+            self.sampler.pet[case][z0 : z0 + pz],
+            None if ct is None else ct[z0 : z0 + pz],
+            self.dose(t),
+            recon=recon,
+            scanner=self.scanners[case],
+            pixel_mm=self.spacing_mm,
+            slice_mm=None,
+        )
+
+    def styled_slab(
+        self, case: int, z0: int, dose: float, style: ScannerStyle
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(clean, noisy)`` slabs on the model grid, Bq/ml, as a ``style`` scanner shows the case."""
+        pz = self.sampler.patch[0]
+        spet = self.sampler.pet[case][z0 : z0 + pz]
+        ct = self.sampler.ct[case]
+        grid = self.spacing_mm
+        native = to_native(spet, grid, style)
+        native_ct = None if ct is None else to_native(ct[z0 : z0 + pz], grid, style)
+        scanner = dataclasses.replace(
+            self.scanners[case],
+            frame_duration_s=self.scanners[case].frame_duration_s * style.count_scale,
+        )
+        noisy = self._acquire(
+            native,
+            native_ct,
+            dose,
+            recon=style.recon,
+            scanner=scanner,
+            pixel_mm=style.pixel_mm,
+            slice_mm=style.slice_mm,
+        )
+        return to_model_grid(native, spet.shape, grid, style), to_model_grid(noisy, spet.shape, grid, style)
+
+    def _label(self, case: int, noisy: np.ndarray, dose: float) -> int:
+        """The step t of a slab: the noise curve's for its noise index, else its dose's."""
+        if self.noise_curve is None:
+            return self.t_of_dose(dose)
+        t = self.noise_curve.t_from_noise_index(noise_index(self.sampler.normalise(case, noisy)))
+        return int(round(min(max(t, 0.0), self.timesteps)))
+
     def _new_slab(self) -> _Slab:
         rng = self.sampler.rng
         case = int(rng.integers(len(self.sampler.pet)))
         shape = self.sampler.pet[case].shape
+        pz = self.sampler.patch[0]
         z0, _, _ = random_patch_origin(
-            shape, (self.sampler.patch[0], shape[1], shape[2]), rng, candidates=self.sampler.candidates[case]
+            shape, (pz, shape[1], shape[2]), rng, candidates=self.sampler.candidates[case]
         )
-        t = int(rng.integers(0, self.timesteps + 1))
-        region = self.sampler.pet[case][z0 : z0 + self.sampler.patch[0]]
-        return _Slab(case, z0, t, self.perturb_slab(case, z0, t), body_candidates(region, stride=2))
+        low, high = (math.log(d) for d in self.dose_range)
+        dose = float(math.exp(rng.uniform(low, high)))
+        if self.styles:
+            clean, noisy = self.styled_slab(case, z0, dose, draw_style(rng))
+        else:
+            clean = self.sampler.pet[case][z0 : z0 + pz]
+            noisy = self.perturb_slab(case, z0, self.t_of_dose(dose))
+        return _Slab(case, z0, self._label(case, noisy, dose), clean, noisy, body_candidates(clean, stride=2))
 
     def _replace(self, n: int) -> None:
         for _ in range(n):
@@ -265,13 +366,11 @@ class PerturbedPool:
         cleans, noisies, cts, ts = [], [], [], []
         for _ in range(batch_size):
             slab = self.slabs[int(s.rng.integers(len(self.slabs)))]
-            pet = s.pet[slab.case]
             pz = s.patch[0]
-            region = pet[slab.z0 : slab.z0 + pz]
             # Centre the in-plane crop on the body within this slab.
-            _, y0, x0 = random_patch_origin(region.shape, s.patch, s.rng, candidates=slab.candidates)
+            _, y0, x0 = random_patch_origin(slab.clean.shape, s.patch, s.rng, candidates=slab.candidates)
             window = (slice(None), slice(y0, y0 + py), slice(x0, x0 + px))
-            cleans.append(s.normalise(slab.case, region[window]))
+            cleans.append(s.normalise(slab.case, slab.clean[window]))
             noisies.append(s.normalise(slab.case, slab.noisy[window]))
             if s.with_ct:
                 cts.append(s.ct[slab.case][slab.z0 : slab.z0 + pz][window])

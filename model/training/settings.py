@@ -96,6 +96,11 @@ class TrainSettings(RunSettings):
     # CPU, several network steps; each slab gives many different crops and flips before it goes.
     pool_refresh: float = 0.25
     vary_recon: bool = True
+    # The forward process ("inject": a real lower-dose acquisition; "perturb": the first runs'), and
+    # whether slabs are made on random scanner styles' native grids (model.training.styles).
+    forward: str = "inject"
+    styles: bool = True
+    init_denoiser: bool = False  # with --init: also start the denoiser (and E_CT) from its weights
     normalisation: str = "fixed"
     curve_points: int = 9  # σ_t is close to log-linear in t: 50-step spacing is plenty
     curve_slabs: int = 3
@@ -116,6 +121,10 @@ class TrainSettings(RunSettings):
             raise ValueError("steps must be ≥ 0 and batch_size ≥ 1")
         if not 0 <= self.noisy_fraction <= 1:
             raise ValueError(f"noisy_fraction must be in [0, 1], found {self.noisy_fraction}")
+        if self.forward not in ("inject", "perturb"):
+            raise ValueError(f"forward must be 'inject' or 'perturb', found {self.forward!r}")
+        if self.init_denoiser and self.init is None:
+            raise ValueError("init_denoiser needs --init CHECKPOINT")
         if self.curve_points < 2 or self.curve_slabs < 1:
             raise ValueError("curve_points must be ≥ 2 and curve_slabs ≥ 1")
 

@@ -106,6 +106,26 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="perturb with one reconstruction setting only (default: vary OSEM/FBP and filters)",
     )
+    parser.add_argument(
+        "--forward",
+        choices=["inject", "perturb"],
+        help="training LPET: inject (default; a real lower-dose acquisition of the SPET's patient) or "
+        "perturb (re-projects the reconstructed SPET, as the first runs did)",
+    )
+    parser.add_argument(
+        "--no-styles",
+        dest="styles",
+        action="store_false",
+        default=None,
+        help="make training LPET on the 2 mm model grid only (default: random scanner styles, 2-5.5 mm "
+        "pixels, 2-4 mm slices, FBP/OSEM, post-filters 0-7 mm, count levels over a factor of 10)",
+    )
+    parser.add_argument(
+        "--init-denoiser",
+        action="store_true",
+        default=None,
+        help="with --init: also start the denoiser from that checkpoint's (fine-tuning)",
+    )
     parser.add_argument("--pool-size", metavar="N", type=int, help="perturbed slabs kept for cropping")
     parser.add_argument(
         "--pool-refresh",
@@ -178,7 +198,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--batch", dest="batch_size", metavar="N", type=int, help="patches per step (per GPU)"
     )
     parser.add_argument(
-        "--checkpoint-every", dest="checkpoint_every_s", metavar="S", type=float,
+        "--checkpoint-every",
+        dest="checkpoint_every_s",
+        metavar="S",
+        type=float,
         help="seconds between saves",
     )
     parser.add_argument(
