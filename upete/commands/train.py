@@ -195,6 +195,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ae-steps", metavar="N", type=int)
     parser.add_argument("--denoiser-steps", metavar="N", type=int)
     parser.add_argument(
+        "--unet-lr",
+        metavar="LR",
+        type=float,
+        help=f"denoiser learning rate (default {TrainSettings.unet_lr:g}; lower to fine-tune)",
+    )
+    parser.add_argument(
         "--batch", dest="batch_size", metavar="N", type=int, help="patches per step (per GPU)"
     )
     parser.add_argument(
