@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -64,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's own)")
     p.add_argument("--device", default="auto", help="torch device of the models (default auto)")
     p.add_argument("--save-cases", metavar="DIR", help="also save each generated case (save_case) here")
+    p.add_argument("--model", action="append", metavar="NAME=CHECKPOINT",
+                   help="a model to score (repeatable; default the shipped LDM-P-CT and LDM-P)")
     p.add_argument("--work", default=str(ROOT / "data" / "transfer"),
-                   help="scored rows are kept here and reused by a rerun (default data/transfer)")
+                   help="each model's outputs are kept here, under its checkpoint's digest, and reused by a "
+                        "rerun (default data/transfer)")
     p.add_argument("--out", default=str(RESULTS / "transfer"), help="results path without suffix")
     return p
 
@@ -150,9 +154,43 @@ def score_case(case: Any, dose: float, outputs: dict[str, np.ndarray], lpet: np.
     return row
 
 
+class _Placement(logging.Handler):
+    """Catches where the diffusion enhancer placed the LPET on its schedule (its log line): the dose
+    equivalent of t*, the node's own estimate when no dose is given. NaN for models that log none."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.dose_equivalent = float("nan")
+        self._logger = logging.getLogger("model.enhancers.diffusion")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "fields", {})
+        if "dose_equivalent" in fields:
+            self.dose_equivalent = float(fields["dose_equivalent"])
+
+    def __enter__(self) -> _Placement:
+        self._level = self._logger.level
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
 def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str, Any],
-             save_dir: str | None) -> list[dict[str, Any]]:
-    """Generate one case, send each dose's LPET through the node's path with every model, score it."""
+             save_dir: str | None, cache: dict[str, Path] | None = None) -> list[dict[str, Any]]:
+    """Generate one case, send each dose's LPET through the node's path with every model, score it.
+
+    ``cache``: per model, a folder where its output of each case and dose is kept (as .npy with its
+    seconds) and read back by a later run: the generator is deterministic, inference is what costs."""
     from dicomnode.config import OutputSettings
     from dicomnode.pipeline import enhance_series
     from model.evaluation.transfer import generate_case, save_case
@@ -168,17 +206,31 @@ def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str,
             folder = Path(tmp)
             pet_paths, ct_paths = _write_study(case, dose, folder)
             lpet = _read(pet_paths, case.truth.shape)
-            outputs, seconds = {}, {}
+            outputs, seconds, placed = {}, {}, {}
             for name, enhancer in enhancers.items():
+                kept = cache[name] / f"{style}-{seed}-{dose:g}.npz" if cache else None
+                if kept is not None and kept.is_file():
+                    with np.load(kept) as saved:
+                        outputs[name], seconds[name] = saved["output"], float(saved["seconds"])
+                        placed[name] = float(saved["dose_equivalent"])
+                    continue
                 started = time.perf_counter()
-                result = enhance_series(pet_paths, ct_paths if enhancer.info.uses_ct else None, enhancer,
-                                        folder / f"out-{name}", output=OutputSettings(preview=False))
+                with _Placement() as placement:
+                    result = enhance_series(pet_paths, ct_paths if enhancer.info.uses_ct else None, enhancer,
+                                            folder / f"out-{name}", output=OutputSettings(preview=False))
                 seconds[name] = time.perf_counter() - started
+                placed[name] = placement.dose_equivalent
                 if enhancer.info.uses_ct and not result.ct_used:
                     raise RuntimeError(f"{name} ran without the CT on {style} case {seed}")
                 outputs[name] = _read(result.paths, case.truth.shape)
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(kept.with_suffix(".tmp.npz"), output=outputs[name], seconds=seconds[name],
+                             dose_equivalent=placed[name])
+                    kept.with_suffix(".tmp.npz").replace(kept)
         row = score_case(case, dose, outputs, lpet)
         row["seconds"] = {"generate": generated, **seconds}
+        row["dose_equivalent"] = placed
         rows.append(row)
         m = row["methods"]
         print(f"{style} {seed} dose {dose:g}: LPET {m['LPET']['psnr']:.2f} dB, Gaussian "
@@ -189,7 +241,7 @@ def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str,
 
 
 def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
+    kept = [v for v in values if v is not None and not np.isnan(v)]
     return float(np.mean(kept)) if kept else None
 
 
@@ -205,6 +257,8 @@ def summarise(rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, d
             entry["spet_psnr"] = _mean([r["spet_psnr"] for r in rs])
             entry["gaussian_fwhm_mm"] = [r["gaussian_fwhm_mm"] for r in rs]
             entry["lesions_scored"] = sum(r["lesions_scored"] for r in rs)
+            entry["dose_equivalent"] = {m: _mean([r.get("dose_equivalent", {}).get(m) for r in rs])
+                                        for m in methods}
             for name in ("LPET", "Gaussian", *methods):
                 scores = [r["methods"][name] for r in rs]
                 worst = [s["suvmax_worst"] for s in scores if s["suvmax_worst"] is not None]
@@ -225,13 +279,13 @@ def _db(v: float | None) -> str:
 def _reuse_note(reused: int) -> str:
     if not reused:
         return ""
-    return (f" ({reused} case(s) scored by an earlier run of this command and reused from its --work "
-            "folder; the load and minutes are this run's)")
+    return (f" (outputs of {reused} model(s) inferred by an earlier run of this command and reused from its "
+            "--work folder; the load and minutes are this run's)")
 
 
 def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[str]) -> str:
     """The Markdown report: one image-quality and one lesion table per dose, the worst style named."""
-    lines = ["# Transfer benchmark: the shipped models on a second generator's scanner styles", "",
+    lines = ["# Transfer benchmark: the models on a second generator's scanner styles", "",
              f"Command: {header['command']}", "",
              f"Machine: {header['machine']}; load average {header['load_before']} before, "
              f"{header['load_after']} after (a shared machine); {header['date']}; "
@@ -240,7 +294,8 @@ def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[st
     lines += [f"- **{name}**: {text}" for name, text in header["styles"].items()]
     lines += ["", f"Cases: seeds {header['seeds']} (the transfer set, never used for training or any "
               "choice). Models through `dicomnode.pipeline.enhance_series`, dose unknown to them, default "
-              "steps; LDM-P-CT with the study's CT, LDM-P without.", "",
+              "steps; CT-guided models with the study's CT, PET-only ones without.", "",
+              "Models: " + "; ".join(f"**{n}** `{p}`" for n, p in header["models"].items()) + ".", "",
               "PSNR in dB against the **noiseless expectation** (the style's reconstruction of the noiseless "
               "sinogram), peak = its maximum in the body, MSE over body voxels. **Gap closed** = "
               "1 − MSE(method)/MSE(LPET) against the expectation (1 = the expectation, 0 = the LPET, "
@@ -269,6 +324,13 @@ def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[st
             cells = [f"{_pct(e[n]['suvmax_mean'])} [{_pct(e[n]['suvmax_worst'])}] "
                      f"({_pct(e[n]['suvmean_mean'])})" for n in names]
             lines.append(f"| {style} | {e['lesions_scored']} | " + " | ".join(cells) + " |")
+        lines += ["", f"Where the node placed the {float(dose) * 100:g} % LPET on each model's schedule, "
+                  "dose unknown (the dose equivalent of t*, from the image's noise index; the diffusion step "
+                  "the denoiser is asked to undo, not a claim about the injected activity):", "",
+                  "| style | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+        for style, e in by_style.items():
+            lines.append(f"| {style} | " + " | ".join(_pct(e["dose_equivalent"][m]).lstrip("+")
+                                                      for m in methods) + " |")
         lines += ["", *_verdict(by_style, methods), ""]
     return "\n".join(lines) + "\n"
 
@@ -292,6 +354,23 @@ def _verdict(by_style: dict[str, Any], methods: Sequence[str]) -> list[str]:
     return out
 
 
+def _models(specs: Sequence[str] | None) -> dict[str, Path]:
+    """``NAME=CHECKPOINT`` options as a name → path table (the shipped models without any)."""
+    if not specs:
+        return dict(MODELS)
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            raise SystemExit(f"--model wants NAME=CHECKPOINT with an existing file, found {spec!r}")
+        out[name] = Path(path).resolve()
+    return out
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from model.enhance import InferenceOptions, load_enhancer
@@ -308,23 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(v, 2) for v in os.getloadavg()]
     started = time.time()
     options = InferenceOptions(device=args.device, steps=args.steps)  # dose_fraction None: unknown
-    enhancers = {name: load_enhancer(str(path), options=options) for name, path in MODELS.items()}
+    models = _models(args.model)
+    enhancers = {name: load_enhancer(str(path), options=options) for name, path in models.items()}
     seeds = [SEED_BASE + k for k in range(args.cases)]
     methods = list(enhancers)
+    # A rerun after a crash, a timeout or with one more model infers only what is not kept yet.
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    rows, reused = [], 0
+    cache = {name: work / f"{_digest(path)}-steps-{args.steps or 'default'}" for name, path in models.items()}
+    reused = sum(1 for folder in cache.values() if folder.is_dir() and any(folder.iterdir()))
+    rows = []
     for style in styles:
         for seed in seeds:
-            # One file per case and dose set: a rerun after a crash or a timeout skips the cases done.
-            kept = work / f"{style}-{seed}-{'_'.join(f'{d:g}' for d in doses)}-{args.steps or 'default'}.json"
-            if kept.is_file():
-                rows += json.loads(kept.read_text())
-                reused += 1
-                continue
-            case_rows = run_case(style, seed, doses, enhancers, args.save_cases)
-            kept.write_text(json.dumps(case_rows))
-            rows += case_rows
+            rows += run_case(style, seed, doses, enhancers, args.save_cases, cache)
     summary = summarise(rows, methods)
     command_args = sys.argv[1:] if argv is None else argv
     header = {
@@ -337,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases_reused": reused,
         "styles": {s: STYLES[s].describe() for s in styles},
         "seeds": seeds,
-        "models": {name: str(path.relative_to(ROOT)) for name, path in MODELS.items()},
+        "models": {name: f"{_shown(path)} (sha256 {_digest(path)}…)" for name, path in models.items()},
         "steps": args.steps,
     }
     out = Path(args.out)
