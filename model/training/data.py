@@ -51,6 +51,11 @@ class TrainingCase:
     #: ``ScannerModel.to_dict()``. Perturbation then reproduces that reconstruction and count level.
     recon: dict | None = None
     scanner: dict | None = None
+    #: The ``(z, y, x)`` voxel size (mm) the SPET was reconstructed at, for a site's own images
+    #: (NIfTI, DICOM): training then makes its LPET on that grid, with ``recon`` and ``scanner``
+    #: (from the headers where they say). None for simulated cases, made on the model grid, which
+    #: training shows through random scanner styles.
+    native_spacing_mm: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.pet.ndim != 3:
@@ -80,7 +85,8 @@ def _case_from_images(name: str, pet: sitk.Image, ct: sitk.Image | None, target_
     ct_arr = None
     if ct is not None:
         ct_arr = _resample_image(_ct_on_pet(ct, pet), target_mm, default=AIR_HU)
-    return TrainingCase(name, np.clip(pet_arr, 0.0, None), ct_arr)
+    sx, sy, sz = pet.GetSpacing()
+    return TrainingCase(name, np.clip(pet_arr, 0.0, None), ct_arr, native_spacing_mm=(sz, sy, sx))
 
 
 def _nifti_pairs(root: Path) -> list[tuple[str, Path, Path | None]]:

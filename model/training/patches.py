@@ -320,6 +320,17 @@ class PerturbedPool:
         )
         return to_model_grid(native, spet.shape, grid, style), to_model_grid(noisy, spet.shape, grid, style)
 
+    def own_style(self, case: int) -> ScannerStyle | None:
+        """A site's SPET is already its scanner's image: its lower-dose version is made on its own
+        native grid, with its reconstruction and count level (the case's, from the headers where they
+        say, else the defaults). None for cases made on the model grid (simulated)."""
+        native = self.sampler.cases[case].native_spacing_mm
+        if native is None:
+            return None
+        return ScannerStyle(
+            pixel_mm=float(native[1]), slice_mm=float(native[0]), recon=self.recons[case][0], count_scale=1.0
+        )
+
     def _label(self, case: int, noisy: np.ndarray, dose: float) -> int:
         """The step t of a slab: the noise curve's for its noise index, else its dose's."""
         if self.noise_curve is None:
@@ -337,7 +348,10 @@ class PerturbedPool:
         )
         low, high = (math.log(d) for d in self.dose_range)
         dose = float(math.exp(rng.uniform(low, high)))
-        if self.styles:
+        own = self.own_style(case)
+        if own is not None:
+            clean, noisy = self.styled_slab(case, z0, dose, own)
+        elif self.styles:
             clean, noisy = self.styled_slab(case, z0, dose, draw_style(rng))
         else:
             clean = self.sampler.pet[case][z0 : z0 + pz]

@@ -122,3 +122,20 @@ def test_injection_keeps_lesion_contrast_where_perturb_loses_it() -> None:
         means[name] = float(np.mean([s[hot].mean() for s in slabs]))
     assert means["inject"] == pytest.approx(spet[hot].mean(), rel=0.03)
     assert means["perturb"] < 0.97 * spet[hot].mean()
+
+
+def test_a_site_s_own_spet_is_made_lower_dose_on_its_own_grid() -> None:
+    pet, ct = tiny_phantom(0, (8, 64, 64))
+    site = TrainingCase("site", pet, ct, native_spacing_mm=(4.0, 4.0, 4.0))
+    sampler = PatchSampler(
+        [site], patch=(8, 32, 32), scale_bqml=4000.0, rng=np.random.default_rng(0), with_ct=True
+    )
+    pool = PerturbedPool(sampler, timesteps=400, dose_min=1e-3, size=1, styles=True)
+    own = pool.own_style(0)
+    assert (own.pixel_mm, own.slice_mm, own.count_scale) == (4.0, 4.0, 1.0)
+    assert own.recon == pool.recons[0][0]  # the case's reconstruction, not a random one
+    pool.batch(1)
+    slab = pool.slabs[0]
+    assert _grain(slab.noisy - slab.clean) > 0.5  # 4 mm grain on the 2 mm grid
+    simulated = _pool(styles=True)
+    assert simulated.own_style(0) is None
