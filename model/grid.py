@@ -39,8 +39,10 @@ def isotropic_reference(image: sitk.Image, target_mm: float) -> sitk.Image:
     """An empty image on a ``target_mm`` isotropic grid covering ``image``'s extent."""
     extent = zip(image.GetSize(), image.GetSpacing(), strict=True)
     size = [max(1, int(round(n * s / target_mm))) for n, s in extent]
+    # ITK's origin is the first voxel's centre: both grids start at the same edge, o − s/2, so the
+    # first target centre sits at o − (s − t)/2; the last term centres the rounding of the size.
     origin = [
-        o + (s - target_mm) / 2 + (n * s - m * target_mm) / 2
+        o - (s - target_mm) / 2 + (n * s - m * target_mm) / 2
         for o, s, n, m in zip(image.GetOrigin(), image.GetSpacing(), image.GetSize(), size, strict=True)
     ]
     reference = sitk.Image(size, sitk.sitkFloat32)

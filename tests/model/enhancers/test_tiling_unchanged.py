@@ -1,11 +1,14 @@
 """The shared tiling loop (model.enhancers.tiling.run_tiled) gives, bit for bit, what each enhancer's
 own loop gave before it: data/tiled_outputs.npz was computed by those loops on these exact inputs, and
 regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
-cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did).
+cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did),
+and again when the model grid came to start at the input grid's edge (half a voxel difference of
+sizes had shifted it: only the 2.5 mm whole-volume case changed).
 
 The cases cover CT-air skipping with batches of two, a Gaussian variant's seeded noise, a volume
 done whole, and the supervised U-Net with tiles of pure air. Regenerate the file only on purpose, by
-running this module as a script, when an enhancer's output is meant to change.
+running this module as a script with OMP_NUM_THREADS=1 (as the tests run), when an enhancer's output
+is meant to change.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def test_tiled_enhancers_give_the_saved_outputs_bit_for_bit(tmp_path) -> None:
             )
 
 
-if __name__ == "__main__":  # regenerate on purpose: python -m tests.model.enhancers.test_tiling_unchanged
+if __name__ == "__main__":  # OMP_NUM_THREADS=1 python -m tests.model.enhancers.test_tiling_unchanged
     import tempfile
 
     torch.set_num_threads(1)
