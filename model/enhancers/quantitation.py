@@ -31,10 +31,14 @@ def preserve_local_mean(
     if fwhm_mm <= 0:
         raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
     sigma = [fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
-    est = np.clip(estimate.astype(np.float32, copy=False), 0.0, None)
-    ref = np.clip(reference.astype(np.float32, copy=False), 0.0, None)
-    g_est = ndimage.gaussian_filter(est, sigma, mode="nearest", truncate=3.0)
-    g_ref = ndimage.gaussian_filter(ref, sigma, mode="nearest", truncate=3.0)
+    # Local means of the values as they are: an FBP LPET's negative voxels are noise around a small
+    # mean, and clipping them first would raise that mean (+8 % activity on a 2 % FBP study). Only
+    # the smoothed reference is held at zero, where air makes it slightly negative.
+    def local_mean(x: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(x.astype(np.float32, copy=False), sigma, mode="nearest", truncate=3.0)
+
+    g_est = local_mean(estimate)
+    g_ref = np.maximum(local_mean(reference), 0.0)
     floor = 1e-3 * float(g_est.max()) if g_est.size else 0.0
     if floor <= 0:
         return estimate.astype(np.float32, copy=False)
