@@ -36,8 +36,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``loader(folder) -> (pet, ct | None)``: PET in Bq/ml and CT in HU (already on the PET grid or not).
-DicomLoader = Callable[[Path], tuple[sitk.Image, "sitk.Image | None"]]
+#: ``loader(folder) -> (pet, ct | None[, acquisition])``: PET in Bq/ml and CT in HU (already on the
+#: PET grid or not). ``acquisition``, plain data so that ``model/`` needs no DICOM reader, is what the
+#: headers say: ``{"recon": ReconSettings dict, "scanner": ScannerModel kwargs, "notes": [str]}``,
+#: ``recon`` and ``scanner`` absent where they do not say (``dicomnode.pet_acquisition``).
+DicomLoader = Callable[
+    [Path], "tuple[sitk.Image, sitk.Image | None] | tuple[sitk.Image, sitk.Image | None, dict | None]"
+]
 
 
 @dataclass
@@ -80,13 +85,41 @@ def _ct_on_pet(ct: sitk.Image, pet: sitk.Image) -> sitk.Image:
     return sitk.Resample(ct, pet, sitk.Transform(), sitk.sitkLinear, AIR_HU, sitk.sitkFloat32)
 
 
-def _case_from_images(name: str, pet: sitk.Image, ct: sitk.Image | None, target_mm: float) -> TrainingCase:
+def _case_from_images(
+    name: str, pet: sitk.Image, ct: sitk.Image | None, target_mm: float, acquisition: dict | None = None
+) -> TrainingCase:
+    """``acquisition`` (a :data:`DicomLoader`'s third value) gives the case its recon and scanner."""
     pet_arr = _resample_image(pet, target_mm, default=0.0)
     ct_arr = None
     if ct is not None:
         ct_arr = _resample_image(_ct_on_pet(ct, pet), target_mm, default=AIR_HU)
     sx, sy, sz = pet.GetSpacing()
-    return TrainingCase(name, np.clip(pet_arr, 0.0, None), ct_arr, native_spacing_mm=(sz, sy, sx))
+    acquisition = acquisition or {}
+    return TrainingCase(
+        name,
+        np.clip(pet_arr, 0.0, None),
+        ct_arr,
+        recon=acquisition.get("recon"),
+        scanner=acquisition.get("scanner"),
+        native_spacing_mm=(sz, sy, sx),
+    )
+
+
+def _log_acquisition(index: int, case: TrainingCase, acquisition: dict | None) -> None:
+    # The folder's index, not its name: study folders are often named after the patient.
+    from model.physics import ReconSettings  # torch: only where DICOM cases are loaded
+
+    recon, duration = case.recon, (case.scanner or {}).get("frame_duration_s")
+    fields = {
+        "case": index,
+        # The label of the settings training will use (and a ValueError here, not mid-training,
+        # when a loader's recon is not valid ReconSettings).
+        "recon": f"{ReconSettings.from_dict(recon).name} (headers)" if recon else "default",
+        "frame_duration_s": f"{duration:g} (headers)" if duration is not None else "default",
+        "native_spacing_mm": "x".join(f"{v:g}" for v in case.native_spacing_mm or ()),
+        "notes": "; ".join((acquisition or {}).get("notes") or ()) or "none",
+    }
+    log.info("DICOM case acquisition", extra={"fields": fields})
 
 
 def _nifti_pairs(root: Path) -> list[tuple[str, Path, Path | None]]:
@@ -159,9 +192,11 @@ def load_cases(
             raise ValueError(f"{root} holds no simulated case, NIfTI pair or DICOM study folder")
         if dicom_loader is None:
             raise ValueError(f"{root} holds DICOM folders but no DICOM loader was given")
-        for folder in folders[rank::world]:
-            pet, ct = dicom_loader(folder)
-            cases.append(_case_from_images(folder.name, pet, ct, spacing_mm))
+        for index, folder in list(enumerate(folders))[rank::world]:
+            pet, ct, *rest = dicom_loader(folder)
+            acquisition = rest[0] if rest else None
+            cases.append(_case_from_images(folder.name, pet, ct, spacing_mm, acquisition))
+            _log_acquisition(index, cases[-1], acquisition)
         source = "dicom"
     if not cases:
         raise ValueError(f"{root}: no case for rank {rank} of {world}; give at least {world} cases")

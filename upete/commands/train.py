@@ -258,17 +258,25 @@ def _simulate(
     return root
 
 
-def _dicom_loader(folder: Path):  # noqa: ANN202 - (sitk.Image, sitk.Image | None)
-    """PET (Bq/ml) and CT (HU) of one study folder, via the node's own series loader."""
+def _dicom_loader(folder: Path):  # noqa: ANN202 - (sitk.Image, sitk.Image | None, dict)
+    """PET (Bq/ml), CT (HU) and acquisition of one study folder, via the node's own series loader.
+
+    The acquisition (:func:`dicomnode.pet_acquisition.acquisition_from_headers`) is read from the
+    first PET header, so training makes the study's lower-dose inputs with its own reconstruction
+    and frame duration.
+    """
     from dicomnode.folders import FolderError, find_series
+    from dicomnode.pet_acquisition import acquisition_from_headers
     from dicomnode.volume import load_series
 
-    pet = load_series(find_series(folder, "PT")).image
+    volume = load_series(find_series(folder, "PT"))
+    # load_series keeps every slice's header without its pixels: no second read of the file.
+    acquisition = acquisition_from_headers(volume.datasets[0])
     try:
         ct_paths = find_series(folder, "CT")
     except FolderError:
-        return pet, None
-    return pet, load_series(ct_paths).image
+        return volume.image, None, acquisition
+    return volume.image, load_series(ct_paths).image, acquisition
 
 
 def _run_supervised(args: argparse.Namespace) -> int:
