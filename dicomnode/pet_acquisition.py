@@ -30,13 +30,8 @@ from pydicom.multival import MultiValue
 
 from dicomnode.pet_units import GE_PET_CREATOR
 
-__all__ = ["DEFAULT_RECON", "acquisition_from_headers", "parse_convolution_kernel",
-           "parse_reconstruction_method"]
+__all__ = ["acquisition_from_headers", "parse_convolution_kernel", "parse_reconstruction_method"]
 
-#: ``model.physics.ReconSettings()`` as a dict (kept here: the node reaches the model only through
-#: ``model.enhance``); a parsed ``recon`` starts from it.
-DEFAULT_RECON = {"algorithm": "osem", "iterations": 3, "subsets": 8, "psf_fwhm_mm": 0.0,
-                 "postfilter_fwhm_mm": 4.0, "fbp_cutoff": 1.0}
 #: The PSF kernel modelled when a method says it recovers resolution (ReconSettings' own choice for
 #: scanner styles); vendors do not write theirs.
 PSF_FWHM_MM = 4.0
@@ -97,9 +92,10 @@ def parse_reconstruction_method(method: str, notes: list[str] | None = None) -> 
     if not iterative and not any(word in compact for word in _FBP):
         notes.append(f"ReconstructionMethod {method!r} not recognised: {_DEFAULT_USED}")
         return None
-    recon = dict(DEFAULT_RECON)
+    # Only what the headers say: ReconSettings.from_dict takes its own defaults for the rest (the
+    # node keeps no copy of them).
+    recon: dict = {"algorithm": "osem" if iterative else "fbp"}
     if not iterative:
-        recon["algorithm"] = "fbp"
         return recon
     if "OSEM" not in compact and counted is None:
         notes.append(f"ReconstructionMethod {method!r} is modelled as OSEM, the nearest iterative method")

@@ -104,7 +104,8 @@ def test_frame_duration_comes_from_actual_frame_duration_in_ms(tmp_path) -> None
     assert ScannerModel(**found["scanner"]).frame_duration_s == 120.0
     # The synthetic scanner writes OSEM 3i21s and no kernel: recon taken, post-filter defaulted.
     assert found["recon"]["iterations"] == 3 and found["recon"]["subsets"] == 21
-    assert found["recon"]["postfilter_fwhm_mm"] == 4.0
+    assert "postfilter_fwhm_mm" not in found["recon"]  # ReconSettings' default (4 mm) applies
+    assert ReconSettings.from_dict(found["recon"]).postfilter_fwhm_mm == 4.0
     assert found["notes"] == ["no ConvolutionKernel: the default post-filter (4 mm) is used"]
 
 
