@@ -150,13 +150,15 @@ class _Run:
         settings = self.settings
         self.model = UPETeModel(self.config).to(self.device)
         if reuse_init:
-            init = load_checkpoint(settings.init)
-            self.model.autoencoder.load_state_dict(init.autoencoder.state_dict())
-            if settings.init_denoiser:
-                # Fine-tuning: the denoiser (and its CT encoder) start from the checkpoint's, before
+            self.model.autoencoder.load_state_dict(load_checkpoint(settings.init).autoencoder.state_dict())
+            if settings.init_denoiser is not None:
+                # Fine-tuning: the denoiser (and its CT encoder) start from that checkpoint's, before
                 # the EMA below copies them.
-                self.model.diffusion.load_state_dict(init.diffusion.state_dict())
-            self.meta = {"stage": "denoiser", "step": 0}
+                tuned = load_checkpoint(settings.init_denoiser).diffusion.state_dict()
+                self.model.diffusion.load_state_dict(tuned)
+            # --stage ae trains the reused autoencoder further; otherwise the denoiser is next.
+            fine_tune_ae = settings.stage is TrainStage.AE
+            self.meta = {"stage": "ae" if fine_tune_ae else "denoiser", "step": 0}
         self.disc = PatchDiscriminator(
             DiscriminatorConfig(
                 channels=self.config.autoencoder.channels[0], norm_groups=settings.norm_groups
@@ -214,17 +216,25 @@ class _Run:
             latent_channels=init.autoencoder.latent_channels,
         )
         config = config_for(sizes, init.normalisation.scale_bqml, init.patch_size)
-        if self.settings.init_denoiser:
-            if init.variant != self.settings.variant:
+        if self.settings.init_denoiser is not None:
+            tuned = load_model_config(self.settings.init_denoiser)
+            if tuned.variant != self.settings.variant:
                 raise ValueError(
-                    f"--init-denoiser: {path} is {init.variant.value}, not {self.settings.variant.value}"
+                    f"--init-denoiser: {self.settings.init_denoiser} is {tuned.variant.value}, "
+                    f"not {self.settings.variant.value}"
+                )
+            channels = (tuned.autoencoder.latent_channels, init.autoencoder.latent_channels)
+            if channels[0] != channels[1]:
+                raise ValueError(
+                    f"--init-denoiser: {self.settings.init_denoiser} denoises {channels[0]} latent "
+                    f"channels, the autoencoder of {path} makes {channels[1]}"
                 )
             config = dataclasses.replace(
                 config,
-                unet=init.unet,
-                ct_encoder=init.ct_encoder,
-                schedule=init.schedule,
-                sampler=init.sampler,
+                unet=tuned.unet,
+                ct_encoder=tuned.ct_encoder,
+                schedule=tuned.schedule,
+                sampler=tuned.sampler,
             )
         return dataclasses.replace(
             config,
@@ -307,7 +317,7 @@ class _Run:
             "forward_process": self.pool.forward.value,
             "scanner_styles": self.pool.styles,
             "dose_range": list(self.pool.dose_range),
-            "init_denoiser": self.settings.init_denoiser,
+            "init_denoiser": self.settings.init_denoiser is not None,
             **extra,
         }
 
@@ -331,6 +341,10 @@ class _Run:
                 self.device
             )
             x = batch.noisy if noisy else batch.clean
+            if s.ae_gain_max > 1:
+                low, high = np.log(0.5), np.log(s.ae_gain_max)
+                gain = np.exp(self.rng.uniform(low, high, size=x.shape[0])).astype(np.float32)
+                x = x * torch.from_numpy(gain).to(x.device).view(-1, 1, 1, 1, 1)
             with self.precision.autocast():
                 recon, mean, logvar = forward(x)
             recon = recon.float()

@@ -70,7 +70,9 @@ class TrainSettings(RunSettings):
 
     variant: Variant
     stage: TrainStage = TrainStage.BOTH  # its spelling ("ae", "denoiser", "both") is accepted too
-    init: Path | None = None  # a checkpoint whose trained autoencoder (and calibration) to reuse
+    # A checkpoint whose trained autoencoder (and calibration) to reuse; with stage "ae" the
+    # autoencoder is trained further from it (fine-tuning) and calibrated again.
+    init: Path | None = None
     patch_size: tuple[int, int, int] | None = None  # None: 96³ on CUDA, 32×48×48 on CPU
     ae_steps: int = 2000
     denoiser_steps: int = 4000
@@ -100,7 +102,13 @@ class TrainSettings(RunSettings):
     # whether slabs are made on random scanner styles' native grids (model.training.styles).
     forward: str = "inject"
     styles: bool = True
-    init_denoiser: bool = False  # with --init: also start the denoiser (and E_CT) from its weights
+    # A checkpoint of this variant whose denoiser (and E_CT) the denoiser stage starts from: fine-tuning
+    # (it may be --init itself, or another run's on an autoencoder of the same latent size).
+    init_denoiser: Path | None = None
+    # Autoencoder patches are multiplied by a gain drawn log-uniformly in [1/2, ae_gain_max]: scanners'
+    # hot organs (bladder, brain) reach 20-40x the body's median, which the phantoms rarely show, and
+    # an autoencoder that never saw such levels flattens them. 1 turns it off.
+    ae_gain_max: float = 4.0
     normalisation: str = "fixed"
     curve_points: int = 9  # σ_t is close to log-linear in t: 50-step spacing is plenty
     curve_slabs: int = 3
@@ -123,8 +131,10 @@ class TrainSettings(RunSettings):
             raise ValueError(f"noisy_fraction must be in [0, 1], found {self.noisy_fraction}")
         if self.forward not in ("inject", "perturb"):
             raise ValueError(f"forward must be 'inject' or 'perturb', found {self.forward!r}")
-        if self.init_denoiser and self.init is None:
-            raise ValueError("init_denoiser needs --init CHECKPOINT")
+        if self.init_denoiser is not None and self.init is None:
+            raise ValueError("init_denoiser needs --init CHECKPOINT (the autoencoder it denoises for)")
+        if self.ae_gain_max < 1:
+            raise ValueError(f"ae_gain_max must be ≥ 1, found {self.ae_gain_max}")
         if self.curve_points < 2 or self.curve_slabs < 1:
             raise ValueError("curve_points must be ≥ 2 and curve_slabs ≥ 1")
 

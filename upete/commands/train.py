@@ -122,9 +122,16 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--init-denoiser",
-        action="store_true",
-        default=None,
-        help="with --init: also start the denoiser from that checkpoint's (fine-tuning)",
+        metavar="CKPT",
+        type=Path,
+        help="start the denoiser from this checkpoint's (fine-tuning; may be the --init file itself)",
+    )
+    parser.add_argument(
+        "--ae-gain-max",
+        metavar="G",
+        type=float,
+        help=f"autoencoder patches scaled by a gain in [1/2, G] (default {TrainSettings.ae_gain_max:g}; "
+        "1: off)",
     )
     parser.add_argument("--pool-size", metavar="N", type=int, help="perturbed slabs kept for cropping")
     parser.add_argument(

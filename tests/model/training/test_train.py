@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_a_tiny_model_trains_on_tiny_phantoms_and_its_losses_fall(data, tmp_path
         ae_lr=2e-3,
         unet_lr=2e-3,
         noisy_fraction=0.0,
+        ae_gain_max=1.0,  # a random gain per patch would make the loss curve too noisy to compare
         seed=1,
     )
     result = train(settings)
@@ -87,7 +89,8 @@ def test_init_denoiser_fine_tunes_the_checkpoint_s_denoiser(data, tmp_path) -> N
     first = train(_settings("ldm-p-ct", data, tmp_path / "a", ae_steps=2, denoiser_steps=2, curve_points=2))
     tuned = train(
         _settings(
-            "ldm-p-ct", data, tmp_path / "b", stage="denoiser", init=first.checkpoint, init_denoiser=True,
+            "ldm-p-ct", data, tmp_path / "b", stage="denoiser", init=first.checkpoint,
+            init_denoiser=first.checkpoint,
             denoiser_steps=0, unet_channels=(8, 8, 8),
         )
     )  # fmt: skip
@@ -98,9 +101,24 @@ def test_init_denoiser_fine_tunes_the_checkpoint_s_denoiser(data, tmp_path) -> N
     assert training["forward_process"] == "inject" and training["scanner_styles"] is True
     assert training["init_denoiser"] is True
     with pytest.raises(ValueError, match="is ldm-p-ct, not ldm-p"):
-        train(_settings("ldm-p", data, tmp_path / "c", init=first.checkpoint, init_denoiser=True))
+        train(_settings("ldm-p", data, tmp_path / "c", init=first.checkpoint, init_denoiser=first.checkpoint))
     with pytest.raises(ValueError, match="init_denoiser needs --init"):
-        train(_settings("ldm-p", data, tmp_path / "d", init_denoiser=True))
+        train(_settings("ldm-p", data, tmp_path / "d", init_denoiser=first.checkpoint))
+
+
+def test_stage_ae_with_init_trains_that_autoencoder_further_and_calibrates_again(data, tmp_path) -> None:
+    first = train(_settings("ldm-p", data, tmp_path / "a", ae_steps=2, denoiser_steps=1, curve_points=2))
+    steps: list[tuple[str, int]] = []
+    settings = _settings("ldm-p", data, tmp_path / "b", stage="ae", init=first.checkpoint, ae_steps=3)
+    again = train(
+        dataclasses.replace(settings, curve_points=3),
+        on_step=lambda stage, step, loss: steps.append((stage, step)),
+    )
+    assert steps == [("ae", 1), ("ae", 2), ("ae", 3)]  # trained, from step 0, on the reused weights
+    before = load_checkpoint(first.checkpoint).autoencoder.state_dict()
+    after = load_checkpoint(again.autoencoder_checkpoint).autoencoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len(load_model_config(again.autoencoder_checkpoint).noise_curve.t) == 3  # calibrated again
 
 
 def test_training_resumes_where_it_stopped(data, tmp_path) -> None:
