@@ -73,8 +73,13 @@ class NoiseCurve:
         return np.maximum.accumulate(np.asarray(values, dtype=np.float64))
 
     def latent_sigma_at(self, t: float | np.ndarray) -> np.ndarray:
-        """σ_t (scaled latent units) at any t, log-linear interpolation, held constant outside."""
-        return np.exp(np.interp(t, self.t, np.log(self._monotone(self.latent_sigma))))
+        """σ_t (scaled latent units) at any t, held constant outside the measured range.
+
+        Interpolated linearly in σ² (noise variances add): a curve that starts at σ_0 = 0 (the
+        mean-preserving forward process adds nothing at dose 1) then grows like √t near 0, where a
+        log-linear interpolation would keep σ near 0 over the whole first interval.
+        """
+        return np.sqrt(np.interp(t, self.t, self._monotone(self.latent_sigma) ** 2))
 
     def t_from_noise_index(self, value: float) -> float:
         """t* whose measured noise index matches ``value`` (clipped to the measured range)."""

@@ -3,7 +3,8 @@ own loop gave before it: data/tiled_outputs.npz was computed by those loops on t
 regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
 cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did),
 and again when the model grid came to start at the input grid's edge (half a voxel difference of
-sizes had shifted it: only the 2.5 mm whole-volume case changed).
+sizes had shifted it: only the 2.5 mm whole-volume case changed), and when σ_t came to be
+interpolated linearly in σ² (only the Poisson case at a dose between the curve's points changed).
 
 The cases cover CT-air skipping with batches of two, a Gaussian variant's seeded noise, a volume
 done whole, and the supervised U-Net with tiles of pure air. Regenerate the file only on purpose, by

@@ -38,7 +38,7 @@ def test_poisson_schedule_follows_the_design() -> None:
     # a_t = 1 (the reconstruction is rescaled by 1/d_t); σ_t follows the measured curve.
     assert torch.all(schedule.signal == 1)
     assert schedule.sigma[100].item() == pytest.approx(0.2)
-    assert schedule.sigma[150].item() == pytest.approx(math.sqrt(0.2 * 0.4))  # log-linear between points
+    assert schedule.sigma[150].item() == pytest.approx(math.sqrt((0.2**2 + 0.4**2) / 2))  # variances add
     assert torch.all(schedule.sigma[1:] >= schedule.sigma[:-1])
 
 
@@ -180,7 +180,12 @@ def test_noise_curve_interpolates_and_inverts() -> None:
     curve = NoiseCurve(
         t=(0, 200, 400), dose=(1, 0.03, 0.001), latent_sigma=(0.1, 0.4, 1.6), noise_index=(0.01, 0.1, 1)
     )
-    assert curve.latent_sigma_at(100) == pytest.approx(0.2)
+    assert curve.latent_sigma_at(100) == pytest.approx(math.sqrt((0.1**2 + 0.4**2) / 2))  # linear in σ²
+    # The mean-preserving forward process adds nothing at dose 1: σ_0 ≈ 0, then σ grows like √t.
+    injected = NoiseCurve(
+        t=(0, 50, 100), dose=(1, 0.4, 0.2), latent_sigma=(1e-6, 0.1, 0.2), noise_index=(1, 2, 3)
+    )
+    assert injected.latent_sigma_at(12.5) == pytest.approx(0.05, rel=1e-3)
     assert curve.t_from_noise_index(0.1) == pytest.approx(200)
     assert curve.t_from_noise_index(math.sqrt(0.01 * 0.1)) == pytest.approx(100)
     assert curve.t_from_noise_index(1e-9) == 0 and curve.t_from_noise_index(1e9) == 400
