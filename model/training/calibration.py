@@ -21,7 +21,7 @@ from model.networks.noise_level import noise_index
 from model.training.data import body_candidates, random_patch_origin
 from model.training.patches import PatchSampler, PerturbedPool
 
-__all__ = ["latent_moments", "measure_noise_curve"]
+__all__ = ["floor_first_sigma", "latent_moments", "measure_noise_curve"]
 
 
 @torch.no_grad()
@@ -98,3 +98,18 @@ def measure_noise_curve(
             n += z.numel()
         sigma[i] = np.sqrt(sq / n)
     return sigma, index
+
+
+def floor_first_sigma(sigma: Sequence[float]) -> list[float]:
+    """The measured σ_t with σ_0 raised to at least half of σ at the next point.
+
+    The mean-preserving forward process adds no noise at dose 1, so σ_0 measures 0. But t = 0 is
+    also the label of every image whose noise index is at or below the SPET's (the node's estimate,
+    and training's labels, are clipped there): such images still carry some noise, and with σ_0 → 0
+    the preconditioning would ask the denoiser to remove it with weight 1/σ_0² (training diverged).
+    """
+    out = [float(v) for v in sigma]
+    if len(out) > 1:
+        out[0] = max(out[0], 0.5 * out[1])
+    return out
+

@@ -42,7 +42,7 @@ from model.networks.checkpoint import (
 from model.networks.diffusion import GaussianSchedule, LatentDiffusion
 from model.networks.noise_level import NoiseCurve
 from model.networks.upete_model import ModelConfig, NormalisationConfig, UPETeModel, default_config
-from model.training.calibration import latent_moments, measure_noise_curve
+from model.training.calibration import floor_first_sigma, latent_moments, measure_noise_curve
 from model.training.data import DicomLoader, fixed_scale_bqml, load_cases
 from model.training.losses import PerceptualLoss, hinge_d_loss, hinge_g_loss, ssim_loss
 from model.training.patches import PatchSampler, PerturbedPool
@@ -410,7 +410,7 @@ class _Run:
         curve = NoiseCurve(
             t=tuple(float(t) for t in t_points),
             dose=tuple(float(dose_min ** (t / timesteps)) for t in t_points),
-            latent_sigma=tuple(max(v, 1e-6) for v in sigma),
+            latent_sigma=tuple(max(v, 1e-6) for v in floor_first_sigma(sigma)),
             noise_index=tuple(max(v, 1e-12) for v in index),
         )
         ae_summary = self._summary(steps=s.ae_steps)

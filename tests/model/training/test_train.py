@@ -83,6 +83,9 @@ def test_poisson_ct_variant_calibrates_its_noise_curve(data, tmp_path) -> None:
     # The image noise grows with t on any model (up to d = 1e-3, where a 6 cm phantom has no counts left).
     assert curve.noise_index[0] < curve.noise_index[1] < curve.noise_index[2]
     assert all(s > 0 for s in curve.latent_sigma)
+    # Injection adds nothing at dose 1, yet t = 0 labels every image as clean as the SPET: σ_0 is
+    # floored at half of σ at the next point, so the loss weight 1/σ_0² stays finite.
+    assert curve.latent_sigma[0] >= 0.5 * curve.latent_sigma[1]
 
 
 def test_init_denoiser_fine_tunes_the_checkpoint_s_denoiser(data, tmp_path) -> None:
