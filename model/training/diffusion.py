@@ -487,6 +487,11 @@ class _Run:
     def _final_config(self, *, denoiser_steps: int) -> ModelConfig:
         training = dict(self.config.training)
         training["denoiser"] = self._summary(steps=denoiser_steps)
+        if self.settings.init_denoiser is not None:
+            # A fine-tuned denoiser's record counts the steps it started with, run after run.
+            before = load_model_config(self.settings.init_denoiser).training.get("denoiser", {})
+            earlier = int(before.get("steps_total", before.get("steps", 0)))
+            training["denoiser"]["steps_total"] = earlier + denoiser_steps
         training["seconds"] = self._seconds()
         return dataclasses.replace(self.config, training=training, software_version=software_version())
 
