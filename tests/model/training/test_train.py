@@ -102,6 +102,7 @@ def test_init_denoiser_fine_tunes_the_checkpoint_s_denoiser(data, tmp_path) -> N
         assert torch.equal(weight, after.diffusion.state_dict()[name]), name  # its U-Net, not --unet-channels
     training = load_model_config(tuned.checkpoint).training["denoiser"]
     assert training["forward_process"] == "inject" and training["scanner_styles"] is True
+    assert training["steps_total"] == 2  # the checkpoint's 2 steps, then 0 more here
     assert training["init_denoiser"] is True
     with pytest.raises(ValueError, match="is ldm-p-ct, not ldm-p"):
         train(_settings("ldm-p", data, tmp_path / "c", init=first.checkpoint, init_denoiser=first.checkpoint))
