@@ -430,7 +430,7 @@ def inject_dose_noise(
     ``d′ ×`` the standard level. ``d = 1`` returns ``x`` (nothing to add); ``d → 1`` adds vanishing
     noise.
 
-    The next training run should use this instead of :func:`perturb` as its forward process.
+    Training uses this as its forward process (:class:`model.training.patches.PerturbedPool`).
     """
     geo = _geometry(
         x, dose_fraction, pixel_size_mm=pixel_size_mm, bqml_per_unit=bqml_per_unit, n_angles=n_angles
