@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from model.grid import AIR_HU
+from model.networks.diffusion import ScheduleConfig
 from model.networks.noise_level import NoiseCurve, noise_index
 from model.training.data import TrainingCase, body_candidates, pad_to, random_patch_origin
 from model.training.styles import ScannerStyle, draw_style, to_model_grid, to_native
@@ -201,8 +202,7 @@ class PerturbedPool:
         if not 0 < dose_range[0] <= dose_range[1] <= 1:
             raise ValueError(f"dose_range must satisfy 0 < low ≤ high ≤ 1, found {dose_range}")
         self.sampler = sampler
-        self.timesteps = timesteps
-        self.dose_min = dose_min
+        self.schedule = ScheduleConfig(timesteps=timesteps, dose_min=dose_min)
         self.size = size
         self.refresh = refresh
         self.forward = ForwardProcess(forward)
@@ -226,10 +226,10 @@ class PerturbedPool:
         self._next = 0
 
     def dose(self, t: int) -> float:
-        return float(self.dose_min ** (t / self.timesteps))
+        return self.schedule.dose_at(t)
 
     def t_of_dose(self, dose: float) -> int:
-        return int(round(min(self.timesteps * math.log(dose) / math.log(self.dose_min), self.timesteps)))
+        return int(round(self.schedule.t_from_dose(dose)))
 
     def _attenuation(self, ct: np.ndarray, size: int, pixel_mm: float) -> torch.Tensor:
         """Survival factors of ``ct (pz, H, W)`` padded to the centred ``size`` square, as the physics
@@ -336,7 +336,7 @@ class PerturbedPool:
         if self.noise_curve is None:
             return self.t_of_dose(dose)
         t = self.noise_curve.t_from_noise_index(noise_index(self.sampler.normalise(case, noisy)))
-        return int(round(min(max(t, 0.0), self.timesteps)))
+        return int(round(min(max(t, 0.0), self.schedule.timesteps)))
 
     def _new_slab(self) -> _Slab:
         rng = self.sampler.rng
