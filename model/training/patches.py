@@ -27,7 +27,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import torch
@@ -37,16 +36,10 @@ from model.grid import AIR_HU
 from model.networks.diffusion import ScheduleConfig
 from model.networks.noise_level import NoiseCurve, noise_index
 from model.training.data import TrainingCase, body_candidates, pad_to, random_patch_origin
+from model.training.settings import ForwardProcess
 from model.training.styles import ScannerStyle, draw_style, to_model_grid, to_native
 
 __all__ = ["ForwardProcess", "PatchBatch", "PatchSampler", "PerturbedPool", "recon_variants"]
-
-
-class ForwardProcess(str, Enum):
-    """How a training LPET is made from the SPET; the value is the spelling in settings and files."""
-
-    INJECT = "inject"  # mean-preserving noise injection: a real lower-dose acquisition
-    PERTURB = "perturb"  # re-projection of the reconstructed SPET (blurs the mean a second time)
 
 
 @dataclass

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PATCH_CPU",
     "DEFAULT_PATCH_CUDA",
+    "ForwardProcess",
     "RunSettings",
     "SupervisedSettings",
     "TrainSettings",
@@ -63,6 +64,13 @@ class TrainStage(str, Enum):
     BOTH = "both"
 
 
+class ForwardProcess(str, Enum):
+    """How a training LPET is made from the SPET; the value is the spelling in settings and files."""
+
+    INJECT = "inject"  # mean-preserving noise injection: a real lower-dose acquisition
+    PERTURB = "perturb"  # re-projection of the reconstructed SPET (blurs the mean a second time)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings(RunSettings):
     """Everything ``upete train`` can set for a uPETe variant. Sizes default to a scale that trains
@@ -100,7 +108,7 @@ class TrainSettings(RunSettings):
     vary_recon: bool = True
     # The forward process ("inject": a real lower-dose acquisition; "perturb": the first runs'), and
     # whether slabs are made on random scanner styles' native grids (model.training.styles).
-    forward: str = "inject"
+    forward: ForwardProcess = ForwardProcess.INJECT  # its spelling ("inject", "perturb") is accepted too
     styles: bool = True
     # A checkpoint of this variant whose denoiser (and E_CT) the denoiser stage starts from: fine-tuning
     # (it may be --init itself, or another run's on an autoencoder of the same latent size).
@@ -119,6 +127,11 @@ class TrainSettings(RunSettings):
                 known = ", ".join(s.value for s in TrainStage)
                 raise ValueError(f"stage must be one of {known}, found {self.stage!r}")
             object.__setattr__(self, "stage", TrainStage(self.stage))  # frozen: set once, here
+        if not isinstance(self.forward, ForwardProcess):
+            if self.forward not in {f.value for f in ForwardProcess}:
+                known = ", ".join(f.value for f in ForwardProcess)
+                raise ValueError(f"forward must be one of {known}, found {self.forward!r}")
+            object.__setattr__(self, "forward", ForwardProcess(self.forward))
 
     def validate(self) -> None:
         if self.stage is TrainStage.DENOISER and self.init is None and not self.resume:
@@ -129,8 +142,6 @@ class TrainSettings(RunSettings):
             raise ValueError("steps must be ≥ 0 and batch_size ≥ 1")
         if not 0 <= self.noisy_fraction <= 1:
             raise ValueError(f"noisy_fraction must be in [0, 1], found {self.noisy_fraction}")
-        if self.forward not in ("inject", "perturb"):
-            raise ValueError(f"forward must be 'inject' or 'perturb', found {self.forward!r}")
         if self.init_denoiser is not None and self.init is None:
             raise ValueError("init_denoiser needs --init CHECKPOINT (the autoencoder it denoises for)")
         if self.ae_gain_max < 1:

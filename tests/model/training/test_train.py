@@ -14,7 +14,7 @@ from model.networks.diffusion import Variant
 from model.training.data import TrainingCase, load_cases
 from model.training.diffusion import TrainSettings, train
 from model.training.patches import PatchSampler, PerturbedPool
-from model.training.settings import TrainStage
+from model.training.settings import ForwardProcess, TrainStage
 from tests.support.model_toys import one_thread, tiny_phantom, write_nifti_cases  # noqa: F401 - one_thread: autouse fixture
 
 #: Two-level autoencoder (f = 2) and U-Net on 8×16×16 patches: a training step takes milliseconds.
@@ -47,6 +47,9 @@ def test_the_stage_is_an_enum_built_from_its_cli_spelling(tmp_path) -> None:
     assert _settings("ldm", tmp_path, tmp_path).stage is TrainStage.BOTH
     with pytest.raises(ValueError, match="stage must be one of ae, denoiser, both, found 'all'"):
         _settings("ldm", tmp_path, tmp_path, stage="all")
+    assert _settings("ldm", tmp_path, tmp_path, forward="perturb").forward is ForwardProcess.PERTURB
+    with pytest.raises(ValueError, match="forward must be one of inject, perturb, found 'thin'"):
+        _settings("ldm", tmp_path, tmp_path, forward="thin")
 
 
 def test_a_tiny_model_trains_on_tiny_phantoms_and_its_losses_fall(data, tmp_path) -> None:
