@@ -197,7 +197,6 @@ class _Run:
             spacing_mm=self.config.spacing_mm,
             forward=settings.forward,
             styles=settings.styles,
-            noise_curve=self.config.noise_curve,
             device=self.device,
             generator=self.generator,
         )
@@ -449,7 +448,8 @@ class _Run:
         loss_fn = self.dist.wrap(_DenoiserLoss(diffusion), self.device)
         schedule = diffusion.schedule
         start = self.meta["step"]
-        # Slabs are labelled with the step the node would estimate for them (the calibrated curve).
+        # Slabs are labelled with the step the node would estimate for them: the calibrated curve,
+        # known only from here on (the autoencoder stage's slabs need no t).
         self.pool.noise_curve = self.config.noise_curve
         progress = ProgressLog(
             "denoiser", total=s.denoiser_steps, start=start, every_s=s.log_every_s, enabled=self.dist.main
