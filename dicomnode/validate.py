@@ -29,15 +29,18 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import MutableSequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
+from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicomnode.pet_units import philips_scale_factors
 
@@ -82,6 +85,11 @@ MAX_ELEMENTS = 100_000
 # Values above this size are left on disk when a received file is read (in practice: PixelData).
 _DEFER_BYTES = 64 * 1024
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
+# Sets, not ``tag == _PIXEL_DATA``: BaseTag's __eq__ is Python code, a set lookup compares hashes.
+_PIXEL_DATA_TAGS = frozenset([_PIXEL_DATA])
+_CHARSET_TAGS = frozenset([Tag(0x0008, 0x0005)])
+# VRs whose elements _check_elements converts through ``ds[tag]`` (see there).
+_VIA_GETITEM_VRS = frozenset({"SQ", "UN", *AMBIGUOUS_VR})
 # Binary VRs: opaque bytes, nothing to parse (and reading them would load deferred pixels). Not UN:
 # pydicom converts a UN element of a known tag to the tag's own VR, which can fail like any other.
 _BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "OB or OW", "US or OW"}
@@ -177,7 +185,9 @@ def _attribute(tag: Tag) -> str:
     return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
 
 
-def _dictionary_vr(tag: Tag) -> str:
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    # Cached: every instance of a series asks for the same few hundred tags.
     try:
         return dictionary_VR(tag)
     except KeyError:  # private or unknown: pydicom reads it as UN
@@ -187,23 +197,40 @@ def _dictionary_vr(tag: Tag) -> str:
 def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
     """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
 
-    Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them.
+    Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them. Each
+    value is converted by pydicom's own :func:`convert_raw_data_element`, as ``ds[tag]`` would, and
+    the result is kept in ``ds``. Only the plain case is converted here directly (``ds[tag]`` costs
+    about as much again in bookkeeping, and this walk is most of a C-STORE's CPU time); whatever
+    ``ds[tag]`` treats specially goes through ``ds[tag]`` itself: sequences (pydicom hands the pixel
+    representation down to their items), ambiguous and unknown VRs (corrected or looked up from the
+    data set, UN maybe replaced), Specific Character Set (decoded with the default encoding) and
+    values left on disk.
     """
     seen = seen if seen is not None else [0]
+    seen[0] += len(ds)
+    if seen[0] > MAX_ELEMENTS:
+        raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
+    encoding: str | MutableSequence[str] | None = None
     for tag in list(ds.keys()):
-        seen[0] += 1
-        if seen[0] > MAX_ELEMENTS:
-            raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
         raw = ds.get_item(tag, keep_deferred=True)
-        vr = getattr(raw, "VR", None) or _dictionary_vr(tag)  # implicit VR: the dictionary's
-        if tag == _PIXEL_DATA:
+        converted = not isinstance(raw, RawDataElement)
+        vr = raw.VR if converted else (raw.VR or _dictionary_vr(tag))  # implicit VR: the dictionary's
+        if tag in _PIXEL_DATA_TAGS:
             if vr not in ("OB", "OW", "OB or OW"):
                 raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {vr}, not OB or OW")
             continue
         if vr in _BINARY_VRS:
             continue
         try:
-            element = ds[tag]
+            if converted:
+                element = raw
+            elif vr in _VIA_GETITEM_VRS or raw.value is None or tag in _CHARSET_TAGS:
+                element = ds[tag]
+            else:
+                if encoding is None:
+                    encoding = ds.original_character_set or ds._character_set  # as ds[tag] does
+                element = convert_raw_data_element(raw, encoding=encoding, ds=ds)
+                ds[tag] = element
             value = element.value
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot read
             raise Refusal(
@@ -221,14 +248,23 @@ def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = Non
                 value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
             )
             for item in items:
-                # pydicom keeps an invalid DS/IS as its text (with a warning); "nan"/"inf" parse as floats
-                # but are not decimal strings (PS3.5 6.2).
-                try:
-                    number = float(str(item).strip())
-                except ValueError:
-                    raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a number") from None
-                if not math.isfinite(number):
-                    raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a finite number")
+                _check_number(item, tag)
+
+
+def _check_number(item: object, tag: Tag) -> None:
+    """A DS or IS value must be a finite decimal number (PS3.5 6.2)."""
+    if isinstance(item, int):  # an IS that parsed: finite
+        return
+    if isinstance(item, float):  # a DS that parsed; "nan"/"inf" parse as floats but are not decimal strings
+        number = item
+    else:
+        # pydicom keeps an invalid DS/IS as its text (with a warning).
+        try:
+            number = float(str(item).strip())
+        except ValueError:
+            raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a number") from None
+    if not math.isfinite(number):
+        raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a finite number")
 
 
 def _check_geometry(ds: Dataset) -> tuple[tuple[float, float, float], tuple[float, ...], tuple[float, float]]:

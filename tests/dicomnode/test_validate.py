@@ -1,0 +1,105 @@
+"""The receive-time element walk (dicomnode.validate._check_elements): each value read as pydicom reads it."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomnode.testing.scanner import StudyInfo, write_pet_series
+from dicomnode.validate import CANNOT_UNDERSTAND, Refusal, read_received, validate_instance
+
+
+@pytest.fixture(scope="module")
+def pet(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    """A PET instance with what the walk treats apart: private elements, ambiguous VRs, nested items."""
+    activity = np.random.default_rng(3).uniform(0, 9000, (2, 6, 5)).astype(np.float32)
+    ds = dcmread(write_pet_series(tmp_path_factory.mktemp("pet"), activity, spacing_mm=(3.0, 4.0, 4.0),
+                                  study=StudyInfo())[0])
+    block = ds.private_block(0x0009, "UPETE TEST", create=True)
+    block.add_new(0x10, "LO", "private text")
+    block.add_new(0x11, "DS", "1.5")
+    block.add_new(0x12, "US", 7)
+    ds.add_new(0x00280106, "US", 3)  # SmallestImagePixelValue: "US or SS" in the dictionary
+    item = Dataset()
+    item.add_new(0x00280106, "US", 1)
+    inner = Dataset()
+    inner.SliceThickness = "2.5"
+    item.ReferencedImageSequence = Sequence([inner])
+    ds.SourceImageSequence = Sequence([item])
+    return ds
+
+
+def _write(ds: Dataset, path: Path, syntax: str) -> Path:
+    ds = copy.deepcopy(ds)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True,
+               enforce_file_format=True)
+    return path
+
+
+def _values(ds: Dataset) -> list[tuple[int, str, object]]:
+    """(tag, VR, value) of every element, nested items included, as pydicom's own ``ds[tag]`` reads them."""
+    found = []
+    for element in ds:  # iterating converts through Dataset.__getitem__
+        if element.tag == 0x7FE00010:
+            continue
+        if element.VR == "SQ":
+            found.append((int(element.tag), element.VR, len(element.value)))
+            for item in element.value:
+                found += _values(item)
+        else:
+            found.append((int(element.tag), element.VR, element.value))
+    return found
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_walk_reads_every_value_as_pydicom_does(pet: Dataset, tmp_path: Path, syntax: str) -> None:
+    path = _write(pet, tmp_path / "pet.dcm", syntax)
+    walked = read_received(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        validate_instance(walked, sop_class_uid=pet.SOPClassUID, sop_instance_uid=pet.SOPInstanceUID)
+        expected = _values(read_received(path))  # a fresh read, converted by pydicom alone
+    # Left in the data set as pydicom would have left it: the same VRs (ambiguous ones resolved, the
+    # private creator's block found) and the same values, which later checks read from it.
+    assert _values(walked) == expected
+    assert walked[0x00091012].private_creator == "UPETE TEST"
+    assert walked.SourceImageSequence[0][0x00280106].VR == "US"
+
+
+@pytest.mark.parametrize(
+    ("syntax", "where", "value", "attribute", "reason"),
+    [
+        (ExplicitVRLittleEndian, "nested", b"thick ", "SliceThickness", "value is not a number"),
+        (ImplicitVRLittleEndian, "nested", b"thick ", "SliceThickness", "value is not a number"),
+        # "nan" parses as a float, but is not a decimal string (PS3.5 6.2). Only with explicit VR: in
+        # implicit VR a private element of an unknown creator is UN, opaque bytes.
+        (ExplicitVRLittleEndian, "private", b"nan ", "(0009,1011)", "value is not a finite number"),
+    ],
+)
+def test_a_number_that_does_not_parse_is_refused_wherever_it_is(
+    pet: Dataset, tmp_path: Path, syntax: str, where: str, value: bytes, attribute: str, reason: str
+) -> None:
+    ds = copy.deepcopy(pet)
+    tag = Tag(0x00180050) if where == "nested" else Tag(0x00091011)
+    target = ds.SourceImageSequence[0].ReferencedImageSequence[0] if where == "nested" else ds
+    # Bytes as a broken sender puts them, past pydicom's checks.
+    implicit = syntax == ImplicitVRLittleEndian
+    target._dict[tag] = RawDataElement(tag, "DS", len(value), value, 0, implicit, True)
+    path = _write(ds, tmp_path / "bad.dcm", syntax)
+    with warnings.catch_warnings(), pytest.raises(Refusal) as refused:
+        warnings.simplefilter("ignore")
+        validate_instance(read_received(path), sop_class_uid=ds.SOPClassUID,
+                          sop_instance_uid=ds.SOPInstanceUID)
+    assert (refused.value.status, refused.value.attribute) == (CANNOT_UNDERSTAND, attribute)
+    assert refused.value.reason == reason
