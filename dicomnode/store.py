@@ -11,6 +11,9 @@ re-encoded. The steps:
 2. as soon as the instance's UIDs are read and checked, the file is renamed to its final name (bytes,
    or a file on another file system, are written to a temporary file first) and its directory's fsync
    starts in a helper thread too, while the SCP validates every element (:meth:`InstanceStore.staging`).
+   In both steps the caller goes on only once the helper is inside its fsync (or waits for another
+   store's batch): parsing and validating hold the GIL, and a helper that had not reached its fsync
+   would otherwise begin only after them (:meth:`InstanceStore._in_helper`).
    A refused instance's file is removed again. Concurrent stores into one directory share one
    directory fsync (:class:`GroupRunner`);
 3. once the instance is valid and both fsyncs have returned, its row is inserted: the rows of
@@ -92,6 +95,8 @@ _UID_LOCKS = 64
 # validates them: two per association storing at that moment; beyond that, fsyncs queue (still correct,
 # a little later).
 _FSYNC_THREADS = 16
+# How long a store waits for a helper to begin its fsync (InstanceStore._in_helper) before it goes on.
+_HELPER_START_WAIT_S = 0.02
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -121,11 +126,20 @@ class GroupRunner(Generic[T, R]):
         self._pending_lock = threading.Lock()
         self._leader = threading.Lock()  # held while a batch runs
 
-    def run(self, item: T) -> R:
+    def run(self, item: T, *, waiting: Callable[[], None] | None = None) -> R:
+        """Run ``item`` in a batch; its result (or the batch's exception).
+
+        ``waiting`` is called when this caller must wait for another caller's batch first (see
+        :meth:`InstanceStore._in_helper`: a helper blocked here needs no CPU until that batch ends).
+        """
         slot = _Slot(item)
         with self._pending_lock:
             self._pending.append(slot)
-        with self._leader:
+        if not self._leader.acquire(blocking=False):
+            if waiting is not None:
+                waiting()
+            self._leader.acquire()
+        try:
             if not slot.done:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
@@ -139,6 +153,8 @@ class GroupRunner(Generic[T, R]):
                         s.result = result
                 for s in batch:
                     s.done = True
+        finally:
+            self._leader.release()
         if slot.error is not None:
             raise slot.error
         return slot.result
@@ -149,26 +165,38 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
-    _fsync_and_close(os.open(path, flags))
+def _fsync(path: Path, flags: int = os.O_RDONLY, ready: Callable[[], None] | None = None) -> None:
+    _fsync_and_close(os.open(path, flags), ready)
 
 
-def _fsync_and_close(fd: int) -> None:
+def _fsync_and_close(fd: int, ready: Callable[[], None] | None = None) -> None:
     try:
+        if ready is not None:
+            ready()  # the helper's caller may go on: from here this thread waits for the disk only
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (a rename, a new file) durable."""
-    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(path: Path, ready: Callable[[], None] | None = None) -> None:
+    """Make the directory's entries (a rename, a new file) durable; ``ready()`` just before its fsync."""
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY, ready)
 
 
-def _fsync_dirs(directories: list[Path]) -> list[None]:
-    for directory in dict.fromkeys(directories):  # each distinct directory once, in order
-        fsync_dir(directory)
-    return [None] * len(directories)
+@dataclass(frozen=True)
+class _DirectorySync:
+    path: Path
+    ready: Callable[[], None]
+
+
+def _fsync_dirs(items: list[_DirectorySync]) -> list[None]:
+    def ready() -> None:
+        for item in items:
+            item.ready()
+
+    for directory in dict.fromkeys(item.path for item in items):  # each distinct directory once, in order
+        fsync_dir(directory, ready)
+    return [None] * len(items)
 
 
 def _makedirs_durable(path: Path, root: Path) -> None:
@@ -265,7 +293,7 @@ class InstanceStore:
             directory.mkdir(parents=True, exist_ok=True)
         self._uid_locks = [threading.Lock() for _ in range(_UID_LOCKS)]
         self._file_syncs = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="upete-fsync")
-        self._directory_sync: GroupRunner[Path, None] = GroupRunner(_fsync_dirs)
+        self._directory_sync: GroupRunner[_DirectorySync, None] = GroupRunner(_fsync_dirs)
         self._row_commit: GroupRunner[tuple, int] = GroupRunner(self._insert_rows)
 
     def remove_stale_temp_files(self) -> int:
@@ -293,7 +321,28 @@ class InstanceStore:
             failed: Future[None] = Future()
             failed.set_exception(exc)  # raised by put(), which answers Out of Resources
             return failed
-        return self._file_syncs.submit(_fsync_and_close, fd)
+        return self._in_helper(lambda ready: _fsync_and_close(fd, ready))
+
+    def _in_helper(self, job: Callable[[Callable[[], None]], None]) -> Future[None]:
+        """Run ``job(ready)`` (an fsync) in a helper thread; return once it called ``ready()``.
+
+        The helper calls ``ready()`` just before its fsync. Waiting for that costs one thread switch;
+        without it the helper would not even begin while the caller parses and validates (pure Python,
+        holding the GIL) until the interpreter hands the GIL over, up to ``sys.getswitchinterval()``
+        (5 ms) later: the fsync ran after the validation instead of during it. The wait is bounded (all
+        helpers busy: the fsync then runs later, which is still correct).
+        """
+        started = threading.Event()
+
+        def run() -> None:
+            try:
+                job(started.set)
+            finally:
+                started.set()  # also when the job failed before its fsync: never leave the caller waiting
+
+        future = self._file_syncs.submit(run)
+        started.wait(_HELPER_START_WAIT_S)
+        return future
 
     def put(
         self,
@@ -344,7 +393,9 @@ class InstanceStore:
                 file_synced = self._place(source, final, sop_uid, synced)
             except OSError as exc:
                 raise _write_error(exc) from exc
-            name_synced = self._file_syncs.submit(self._directory_sync.run, final.parent)
+            name_synced = self._in_helper(
+                lambda ready: self._directory_sync.run(_DirectorySync(final.parent, ready), waiting=ready)
+            )
             staged = Staged(self.root, relative, [file_synced, name_synced], self._row_commit.run)
             try:
                 yield staged
@@ -375,7 +426,9 @@ class InstanceStore:
         if not isinstance(source, bytes):
             try:
                 os.replace(source, final)
-                return synced if synced is not None else self._file_syncs.submit(_fsync, final)
+                if synced is not None:
+                    return synced
+                return self._in_helper(lambda ready: _fsync(final, ready=ready))
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -389,7 +442,7 @@ class InstanceStore:
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        return self._file_syncs.submit(_fsync, final)
+        return self._in_helper(lambda ready: _fsync(final, ready=ready))
 
     def _insert_rows(self, rows: list[tuple]) -> list[int]:
         """One transaction for every row of the batch: one WAL fsync (synchronous=FULL) for all."""

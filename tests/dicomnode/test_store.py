@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -265,6 +266,60 @@ def test_group_runner_gives_the_error_to_every_caller_of_the_batch() -> None:
         group.run(1)
     with pytest.raises(OSError, match="I/O error"):
         group.run(2)
+
+
+def test_group_runner_tells_a_caller_that_waits_for_another_batch() -> None:
+    running, release = threading.Event(), threading.Event()
+    waited: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        if items == [0]:
+            running.set()
+            release.wait(5)
+        return items
+
+    group: GroupRunner[int, int] = GroupRunner(run_batch)
+    assert group.run(7, waiting=lambda: waited.append(7)) == 7
+    assert waited == []  # a lone caller runs its batch at once
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(group.run, 0)
+        assert running.wait(5)
+        second = pool.submit(group.run, 1, waiting=lambda: waited.append(1))
+        while not waited:
+            time.sleep(0.01)
+        release.set()
+        assert (first.result(), second.result()) == (0, 1)
+    assert waited == [1]
+
+
+def test_the_fsyncs_are_under_way_before_the_caller_validates(
+    store: InstanceStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller parses and validates in Python while holding the GIL; a helper that had not reached
+    # its fsync by then would only begin once the validation is over.
+    # As in a node that has been receiving: the series' directory exists (no fsync while it is created)
+    # and the helpers are started and idle (starting a thread would itself let the new helper run first).
+    assert store.put(meta("1.2.3.4.6"), b"x") is PutResult.STORED
+    for done in [store._file_syncs.submit(time.sleep, 0.05) for _ in range(32)]:
+        done.result()
+    real_fsync, entered, release = os.fsync, [], threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        entered.append(fd)  # first, before anything that lets the caller run
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr("dicomnode.store.os.fsync", slow_fsync)
+    received = tmp_path / "received.dcm"
+    received.write_bytes(b"DICOM file")
+    synced = store.begin_sync(received)
+    assert len(entered) == 1  # begin_sync returned with the file's fsync running
+    with store.staging(STUDY, SERIES, "1.2.3.4.5", received, synced=synced) as staged:
+        assert len(entered) == 2  # the name's fsync too, before the block validates
+        assert stat.S_ISDIR(os.fstat(entered[1]).st_mode)
+        release.set()
+        assert staged.commit(meta()) is PutResult.STORED
+    assert store.contains("1.2.3.4.5")
 
 
 def test_a_received_file_renamed_before_its_fsync_runs_is_still_fsynced(
