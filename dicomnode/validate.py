@@ -38,7 +38,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
 from pydicom.valuerep import AMBIGUOUS_VR
 
@@ -127,14 +127,26 @@ class InstanceMeta:
     derived_by_us: bool = False
 
 
+@lru_cache(maxsize=256)
+def _tag(keyword: str) -> BaseTag:
+    # Looked up once: ``keyword in ds`` and ``ds[keyword]`` each translate the keyword again.
+    return Tag(keyword)
+
+
+def _value(ds: Dataset, keyword: str) -> object:
+    """The value of ``keyword`` in ``ds``, or None when the element is absent."""
+    tag = _tag(keyword)
+    return ds[tag].value if tag in ds else None
+
+
 def _present(ds: Dataset, keyword: str) -> bool:
-    return keyword in ds and ds[keyword].value not in (None, "", b"")
+    return _value(ds, keyword) not in (None, "", b"")
 
 
 def _uid(ds: Dataset, keyword: str) -> str:
     if not _present(ds, keyword):
         raise Refusal(DATASET_MISMATCH, keyword, "missing or empty")
-    value = str(ds[keyword].value).strip().rstrip("\0")
+    value = str(_value(ds, keyword)).strip().rstrip("\0")
     if len(value) > 64 or not _UID.match(value):
         raise Refusal(
             DATASET_MISMATCH, keyword, "is not a valid UID (digits and dots, at most 64 characters)"
@@ -150,7 +162,7 @@ def _numbers(
         if required:
             raise Refusal(DATASET_MISMATCH, keyword, "missing or empty")
         return None
-    value = ds[keyword].value
+    value = _value(ds, keyword)
     items = (
         list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
     )
@@ -177,7 +189,7 @@ def _int(ds: Dataset, keyword: str, *, required: bool = True) -> int | None:
 def _text(ds: Dataset, keyword: str) -> str | None:
     if not _present(ds, keyword):
         return None
-    return str(ds[keyword].value).strip()
+    return str(_value(ds, keyword)).strip()
 
 
 def _attribute(tag: Tag) -> str:
