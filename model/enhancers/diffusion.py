@@ -28,7 +28,6 @@ from model.enhancers.tiling import CTAir, body_mask, run_tiled, tile_stride
 from model.grid import AIR_HU, ModelGrid
 from model.networks.checkpoint import load_checkpoint, weights_digest
 from model.networks.diffusion import sampling_timesteps
-from model.networks.noise_level import noise_index
 from model.networks.upete_model import UPETeModel
 from model.units import FWHM_PER_SIGMA
 
@@ -87,7 +86,7 @@ class DiffusionEnhancer(Enhancer):
         """t* on the Poisson schedule: from the dose fraction if known, else from the image's noise."""
         if self.options.dose_fraction is not None:
             return self.config.schedule.t_from_dose(self.options.dose_fraction)
-        return self.config.noise_curve.t_from_noise_index(noise_index(pet_norm_fixed))
+        return self.config.noise_curve.t_from_image(pet_norm_fixed)
 
     # --- tiles ------------------------------------------------------------------------------------
 

@@ -16,19 +16,31 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["NoiseCurve", "noise_index"]
+__all__ = ["FINE_BAND", "LATENT_BAND", "NoiseCurve", "noise_index"]
 
 
-def noise_index(volume: np.ndarray, *, sigma_voxels: float = 1.0, body_fraction: float = 0.1) -> float:
+#: The band (inner, outer Gaussian σ in model voxels) new calibrations use, and the one a curve that
+#: names none was calibrated with (the first checkpoints: the image minus its 1-voxel smoothing).
+LATENT_BAND: tuple[float, float] = (0.7, 2.5)
+FINE_BAND: tuple[float, float] = (0.0, 1.0)
+
+
+def noise_index(
+    volume: np.ndarray, *, band: tuple[float, float] = LATENT_BAND, body_fraction: float = 0.1
+) -> float:
     """Relative noise variance of a ``(z, y, x)`` activity volume in a fixed intensity unit.
 
-    Voxels whose local mean exceeds ``body_fraction`` × the 99th percentile of the local mean count
-    as body. Returns 0.0 for an empty volume. The unit of the input matters (the index scales with
-    it): always pass Bq/ml ÷ the checkpoint's fixed scale.
+    ``band = (inner, outer)``: Gaussian σ in voxels of the two smoothings whose difference is
+    measured (inner 0 = the image itself). Voxels whose local mean (the outer smoothing) exceeds
+    ``body_fraction`` × its 99th percentile count as body. Returns 0.0 for an empty volume. The unit
+    of the input matters (the index scales with it): always pass Bq/ml ÷ the checkpoint's fixed scale.
     """
+    inner, outer = band
+    if not 0 <= inner < outer:
+        raise ValueError(f"noise_index band must satisfy 0 ≤ inner < outer, found {band}")
     v = np.asarray(volume, dtype=np.float32)
-    smooth = gaussian_filter(v, sigma_voxels, mode="nearest")
-    hp = v - smooth
+    smooth = gaussian_filter(v, outer, mode="nearest")
+    hp = (gaussian_filter(v, inner, mode="nearest") if inner > 0 else v) - smooth
     if not smooth.size:
         return 0.0
     top = float(np.percentile(smooth, 99.0))
@@ -47,13 +59,16 @@ class NoiseCurve:
     """The schedule's noise measured once on training data (stored in the checkpoint).
 
     For each Poisson step ``t`` (dose ``d_t``): ``latent_sigma`` is the RMS of E(perturb(x, d_t)) − E(x)
-    in scaled latent units, ``noise_index`` the image-domain :func:`noise_index` of perturb(x, d_t).
+    in scaled latent units, ``noise_index`` the image-domain :func:`noise_index` (in ``index_band``) of
+    an image whose latent noise is σ_t: measured on perturb(x, d_t) by the first calibrations, matched
+    to σ_t over many scanner styles since (:func:`model.training.calibration.match_noise_index`).
     """
 
     t: tuple[float, ...]
     dose: tuple[float, ...]
     latent_sigma: tuple[float, ...]
     noise_index: tuple[float, ...]
+    index_band: tuple[float, float] = FINE_BAND
 
     def __post_init__(self) -> None:
         n = len(self.t)
@@ -88,11 +103,26 @@ class NoiseCurve:
         curve = curve + np.arange(curve.size) * 1e-9
         return float(np.interp(np.log(max(value, 1e-30)), curve, self.t))
 
+    def image_index(self, volume: np.ndarray) -> float:
+        """:func:`noise_index` of ``volume`` (Bq/ml ÷ the checkpoint's scale) in this curve's band."""
+        return noise_index(volume, band=self.index_band)
+
+    def t_from_image(self, volume: np.ndarray) -> float:
+        """t* of an image of unknown dose (Bq/ml ÷ the checkpoint's scale): its noise index, read off
+        the curve."""
+        return self.t_from_noise_index(self.image_index(volume))
+
     def to_json(self) -> dict[str, list[float]]:
-        return {k: [float(x) for x in getattr(self, k)] for k in ("t", "dose", "latent_sigma", "noise_index")}
+        out = {k: [float(x) for x in getattr(self, k)] for k in ("t", "dose", "latent_sigma", "noise_index")}
+        out["index_band"] = [float(x) for x in self.index_band]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Sequence[float]]) -> NoiseCurve:
+        band = tuple(float(x) for x in data.get("index_band", FINE_BAND))
+        if len(band) != 2:
+            raise ValueError(f"NoiseCurve.index_band must hold two numbers, found {data['index_band']}")
         return cls(
-            **{k: tuple(float(x) for x in data[k]) for k in ("t", "dose", "latent_sigma", "noise_index")}
+            **{k: tuple(float(x) for x in data[k]) for k in ("t", "dose", "latent_sigma", "noise_index")},
+            index_band=band,  # type: ignore[arg-type]
         )

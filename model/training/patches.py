@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from model.grid import AIR_HU
 from model.networks.diffusion import ScheduleConfig
-from model.networks.noise_level import NoiseCurve, noise_index
+from model.networks.noise_level import NoiseCurve
 from model.training.data import TrainingCase, body_candidates, pad_to, random_patch_origin
 from model.training.settings import ForwardProcess
 from model.training.styles import ScannerStyle, draw_style, to_model_grid, to_native
@@ -102,6 +102,7 @@ class PatchSampler:
         self.cases = list(cases)
         self.pet: list[np.ndarray] = []
         self.ct: list[np.ndarray | None] = []
+        self.expectation: list[np.ndarray | None] = []
         self.scales: list[float] = []
         self.offsets: list[float] = []
         for case in cases:
@@ -114,6 +115,10 @@ class PatchSampler:
                 self.offsets.append(0.0)
                 self.scales.append(scale_bqml)
             self.pet.append(pet.astype(np.float32))
+            expectation = case.expectation
+            if expectation is not None:
+                expectation = pad_to(expectation, self.patch, 0.0).astype(np.float32)
+            self.expectation.append(expectation)
             if with_ct:
                 if case.ct is None:
                     raise ValueError(f"case {case.name} has no CT")
@@ -289,11 +294,14 @@ class PerturbedPool:
         )
 
     def styled_slab(
-        self, case: int, z0: int, dose: float, style: ScannerStyle
+        self, case: int, z0: int, dose: float, style: ScannerStyle, *, source: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``(clean, noisy)`` slabs on the model grid, Bq/ml, as a ``style`` scanner shows the case."""
+        """``(clean, noisy)`` slabs on the model grid, Bq/ml, as a ``style`` scanner shows the case.
+
+        ``source``: a model-grid volume of the case to acquire in place of its SPET (calibration
+        passes the noiseless expectation)."""
         pz = self.sampler.patch[0]
-        spet = self.sampler.pet[case][z0 : z0 + pz]
+        spet = (self.sampler.pet[case] if source is None else source)[z0 : z0 + pz]
         ct = self.sampler.ct[case]
         grid = self.spacing_mm
         native = to_native(spet, grid, style)
@@ -328,7 +336,7 @@ class PerturbedPool:
         """The step t of a slab: the noise curve's for its noise index, else its dose's."""
         if self.noise_curve is None:
             return self.t_of_dose(dose)
-        t = self.noise_curve.t_from_noise_index(noise_index(self.sampler.normalise(case, noisy)))
+        t = self.noise_curve.t_from_image(self.sampler.normalise(case, noisy))
         return int(round(min(max(t, 0.0), self.schedule.timesteps)))
 
     def _new_slab(self) -> _Slab:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,7 +18,7 @@ from model.networks.diffusion import (
     Variant,
     sampling_timesteps,
 )
-from model.networks.noise_level import NoiseCurve, noise_index
+from model.networks.noise_level import FINE_BAND, LATENT_BAND, NoiseCurve, noise_index
 from model.networks.upete_model import UPETeModel
 from tests.support.model_toys import one_thread, tiny_config, tiny_phantom  # noqa: F401 - one_thread: autouse fixture
 
@@ -190,6 +191,11 @@ def test_noise_curve_interpolates_and_inverts() -> None:
     assert curve.t_from_noise_index(math.sqrt(0.01 * 0.1)) == pytest.approx(100)
     assert curve.t_from_noise_index(1e-9) == 0 and curve.t_from_noise_index(1e9) == 400
     assert NoiseCurve.from_json(curve.to_json()) == curve
+    matched = dataclasses.replace(curve, index_band=LATENT_BAND)
+    assert NoiseCurve.from_json(matched.to_json()) == matched
+    # A checkpoint written before the curve recorded its band was calibrated with the fine one.
+    legacy = {k: v for k, v in matched.to_json().items() if k != "index_band"}
+    assert NoiseCurve.from_json(legacy).index_band == FINE_BAND
     with pytest.raises(ValueError, match="increase strictly"):
         NoiseCurve(t=(0, 0), dose=(1, 1), latent_sigma=(1, 1), noise_index=(1, 1))
     # A wiggle in measured data does not make the inversion ambiguous (running maximum).
@@ -205,10 +211,40 @@ def test_noise_index_tracks_the_dose_of_a_perturbed_image() -> None:
 
     pet, _ = tiny_phantom(0, (16, 48, 48))
     gen = torch.Generator().manual_seed(0)
-    index = {
-        d: noise_index(perturb(torch.from_numpy(pet), d, pixel_size_mm=2.0, generator=gen).numpy() / 4000)
+    images = {
+        d: perturb(torch.from_numpy(pet), d, pixel_size_mm=2.0, generator=gen).numpy() / 4000
         for d in (0.5, 0.1, 0.02)
     }
+    index = {d: noise_index(v, band=FINE_BAND) for d, v in images.items()}
     assert index[0.5] < index[0.1] < index[0.02]
     assert 2.5 < index[0.1] / index[0.5] < 7.5  # variance ∝ 1/dose, less the structure's floor
+    # The latent band sees more of the phantom's edges (a higher floor), and still orders the doses.
+    latent = {d: noise_index(v, band=LATENT_BAND) for d, v in images.items()}
+    assert latent[0.5] < latent[0.1] < latent[0.02]
     assert noise_index(np.zeros((4, 8, 8))) == 0.0
+    with pytest.raises(ValueError, match="0 ≤ inner < outer"):
+        noise_index(np.ones((4, 8, 8)), band=(2.0, 1.0))
+
+
+def test_the_latent_band_sees_a_coarse_grain_the_fine_band_misses() -> None:
+    """A 4–5 mm post-filtered scanner's noise has the variance of a 2 mm grid's but a coarser grain: the
+    first checkpoints' fine index saw a sliver of it and placed such a study near full dose."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    white = rng.normal(0.0, 0.1, (32, 64, 64)).astype(np.float32)
+    coarse = gaussian_filter(white, 1.5)
+    coarse *= white.std() / coarse.std()  # the same image variance, a coarser grain
+    flat = np.ones_like(white)
+
+    def seen(band: tuple[float, float]) -> float:  # the coarse grain's index relative to the fine one's
+        return noise_index(flat + coarse, band=band) / noise_index(flat + white, band=band)
+
+    assert seen(FINE_BAND) < 0.1
+    assert seen(LATENT_BAND) > 3 * seen(FINE_BAND)
+    # The curve reads the image in the band it was calibrated with.
+    curve = NoiseCurve(
+        t=(0, 400), dose=(1, 0.001), latent_sigma=(0.1, 1), noise_index=(1e-4, 1), index_band=LATENT_BAND
+    )
+    assert curve.image_index(flat + coarse) == noise_index(flat + coarse, band=LATENT_BAND)
+    assert curve.t_from_image(flat + coarse) == curve.t_from_noise_index(curve.image_index(flat + coarse))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.grid import resample_isotropic
-from model.networks.noise_level import NoiseCurve, noise_index
+from model.networks.noise_level import LATENT_BAND, NoiseCurve, noise_index
 from model.physics import ReconAlgorithm, ReconSettings
 from model.training.data import TrainingCase
 from model.training.patches import ForwardProcess, PatchSampler, PerturbedPool
@@ -94,12 +94,14 @@ def test_slabs_are_labelled_where_the_node_would_place_them() -> None:
         dose=(1.0, 0.18, 0.03, 0.006),
         latent_sigma=(0.1, 0.3, 0.6, 1.2),
         noise_index=(1e-4, 1e-3, 1e-2, 1e-1),
+        index_band=LATENT_BAND,
     )
     pool = _pool(noise_curve=curve, styles=True, dose_range=(0.01, 1.0))
     pool.batch(1)
     for slab in pool.slabs:
-        expected = curve.t_from_noise_index(noise_index(pool.sampler.normalise(0, slab.noisy)))
-        assert slab.t == round(expected)
+        # In the curve's band, as the node reads an LPET of unknown dose.
+        index = noise_index(pool.sampler.normalise(0, slab.noisy), band=LATENT_BAND)
+        assert slab.t == round(curve.t_from_noise_index(index))
     # Without a curve the label is the dose's step; lower doses sit later on the schedule.
     plain = _pool()
     assert plain.t_of_dose(1.0) == 0 and plain.t_of_dose(0.01) == round(400 * 2 / 3)
