@@ -2,26 +2,30 @@
 
 - the **latent scale**: 1 / std of E(x).mean over SPET patches, so the diffusion sees unit variance;
 - the **noise curve** of the Poisson schedule: for a grid of steps t, the latent RMS of
-  E(perturb(x, d_t)) − E(x) (the σ_t the sampler and the preconditioning use) and the image-domain
-  :func:`~model.networks.noise_level.noise_index` of perturb(x, d_t) (to place an LPET of unknown dose on the
-  schedule). E is frozen from then on, so the curve stays valid through the denoiser's training.
+  E(x_{d_t}) − E(x) (the σ_t the sampler and the preconditioning use, :func:`measure_noise_curve`) and
+  the image-domain :func:`~model.networks.noise_level.noise_index` an image with that latent noise
+  shows, matched over many scanner styles (:func:`match_noise_index`), to place an LPET of unknown dose
+  on the schedule. E is frozen from then on, so the curve stays valid through the denoiser's training.
 
 Both return plain numbers so DDP ranks can average them before use.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model.networks.autoencoder import AutoencoderKL
-from model.networks.noise_level import noise_index
+from model.networks.noise_level import LATENT_BAND, noise_index
 from model.training.data import body_candidates, random_patch_origin
 from model.training.patches import PatchSampler, PerturbedPool
+from model.training.styles import draw_style
 
-__all__ = ["floor_first_sigma", "latent_moments", "measure_noise_curve"]
+__all__ = ["IndexMatch", "floor_first_sigma", "latent_moments", "match_noise_index", "measure_noise_curve"]
 
 
 @torch.no_grad()
@@ -55,8 +59,8 @@ def measure_noise_curve(
     slabs: int,
     crops: int = 2,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per step in ``t_points``: ``(latent_sigma, noise_index)`` averaged over ``slabs`` slabs.
+) -> np.ndarray:
+    """Per step in ``t_points``: the latent noise σ_t (RMS over ``slabs`` slabs).
 
     Slabs sit at fixed body positions of the first cases, ``crops`` patches each; every step uses the
     same slabs, crops and each case's base reconstruction, so the curve is smooth in t.
@@ -83,7 +87,6 @@ def measure_noise_curve(
         return autoencoder.encode(torch.from_numpy(batch).float().to(device)).mean * latent_scale
 
     sigma = np.zeros(len(t_points))
-    index = np.zeros(len(t_points))
     clean_latents = []
     for case, z0, corners in positions:
         region = sampler.pet[case][z0 : z0 + pz]
@@ -92,12 +95,104 @@ def measure_noise_curve(
         sq = n = 0.0
         for (case, z0, corners), clean in zip(positions, clean_latents, strict=True):
             noisy = pool.perturb_slab(case, z0, int(t), recon=pool.recons[case][0])
-            index[i] += noise_index(noisy / scale_bqml) / len(positions)
             z = encode([noisy[:, y : y + py, x : x + px] for _, y, x in corners], case)
             sq += float(((z - clean) ** 2).sum())
             n += z.numel()
         sigma[i] = np.sqrt(sq / n)
-    return sigma, index
+    return sigma
+
+
+@dataclass(frozen=True)
+class IndexMatch:
+    """How the noise index maps to latent noise: ``log σ² = intercept + slope · log index`` fitted over
+    slabs of many scanner styles and doses; ``spread`` the residual standard deviation of log σ² (0.1
+    ≈ 10 % in σ²), ``pairs`` the slabs it was fitted on."""
+
+    intercept: float
+    slope: float
+    spread: float
+    pairs: int
+
+    def index_for(self, latent_sigma: Sequence[float], dose: Sequence[float]) -> list[float]:
+        """The noise index of an image of dose ``dose`` whose added latent noise is ``latent_sigma``.
+
+        σ_t is the noise *added* to the SPET (variance Σ(1/d − 1)); the image's whole noise, which its
+        index sees, is Σ/d = σ_t² / (1 − d). At d = 1 (t = 0) only σ_0 itself is there to go by.
+        """
+        out = []
+        for s, d in zip(latent_sigma, dose, strict=True):
+            var = max(s, 1e-12) ** 2 / (1.0 - d if d < 1.0 else 1.0)
+            out.append(math.exp((math.log(var) - self.intercept) / self.slope))
+        return out
+
+
+@torch.no_grad()
+def match_noise_index(
+    autoencoder: AutoencoderKL,
+    pool: PerturbedPool,
+    *,
+    latent_scale: float,
+    scale_bqml: float,
+    slabs: int,
+    band: tuple[float, float] = LATENT_BAND,
+    device: torch.device,
+    seed: int = 4321,
+) -> IndexMatch:
+    """Fit the latent noise of a slab against its image noise index over ``slabs`` random slabs.
+
+    Each slab is a case's lower-dose acquisition by a random scanner style (or the case's own, for a
+    site's DICOM) at a dose log-uniform over the pool's range (up to 90 %), brought onto the model grid
+    as the node brings an LPET (:meth:`PerturbedPool.styled_slab`); its index is taken over the whole
+    slab, as the node takes it over the study, and sees the image's whole noise. Its latent noise, the
+    mean square of E(noisy) − E(clean) over a body patch, must be that whole noise too:
+
+    * where the case has its noiseless expectation (simulated data), the dose-d image is acquired from
+      it, so all of its noise has the style's texture, and ``clean`` is the expectation;
+    * otherwise (a site's SPET) from the SPET, whose own noise the difference misses: the noise added
+      is Σ(1/d − 1) of the whole Σ/d, so it is divided by 1 − d.
+
+    The node then places an LPET at the t whose σ_t its index predicts, whatever scanner made it: the
+    first calibrations measured the index on the model grid's own reconstruction only, and put a
+    post-filtered 4 mm study of 10 % dose at 100 %.
+    """
+    sampler = pool.sampler
+    rng = np.random.default_rng(seed)  # fixed slabs: the fit must not depend on training's RNG
+    # Above 90 % the added noise is a sliver of the SPET's own: ÷ (1 − dose) would amplify its error.
+    low, high = (math.log(d) for d in (pool.dose_range[0], min(pool.dose_range[1], 0.9)))
+    pz, py, px = sampler.patch
+    log_index, log_var = [], []
+    for k in range(slabs):
+        case = k % len(sampler.pet)
+        shape = sampler.pet[case].shape
+        z0, _, _ = random_patch_origin(
+            shape, (pz, shape[1], shape[2]), rng, candidates=sampler.candidates[case]
+        )
+        style = pool.own_style(case) or draw_style(rng)
+        dose = math.exp(rng.uniform(low, high))
+        expectation = sampler.expectation[case]
+        if expectation is not None:
+            # Injection adds Σ(1/d′ − 1) to a noiseless image: d′ = d / (1 + d) makes that Σ/d.
+            clean, noisy = pool.styled_slab(case, z0, dose / (1.0 + dose), style, source=expectation)
+            whole = 1.0
+        else:
+            clean, noisy = pool.styled_slab(case, z0, dose, style)
+            whole = 1.0 - dose
+        body = body_candidates(clean, stride=2)
+        y, x = random_patch_origin(clean.shape, sampler.patch, rng, candidates=body)[1:]
+        crops = np.stack([sampler.normalise(case, a)[:, y : y + py, x : x + px] for a in (clean, noisy)])
+        z = autoencoder.encode(torch.from_numpy(crops[:, None]).float().to(device)).mean * latent_scale
+        var = float(((z[1] - z[0]) ** 2).mean()) / whole
+        index = noise_index(sampler.normalise(case, noisy), band=band)
+        if var > 0 and index > 0:
+            log_index.append(math.log(index))
+            log_var.append(math.log(var))
+    if len(log_index) < 3 or np.ptp(log_index) <= 0:
+        raise ValueError(f"noise index match: {len(log_index)} usable slabs of {slabs}, need ≥ 3 that differ")
+    slope, intercept = np.polyfit(log_index, log_var, 1)
+    if slope <= 0:
+        raise ValueError(f"noise index match: latent noise does not grow with the index (slope {slope:.3g})")
+    residual = np.asarray(log_var) - (intercept + slope * np.asarray(log_index))
+    return IndexMatch(float(intercept), float(slope), float(residual.std()), len(log_index))
 
 
 def floor_first_sigma(sigma: Sequence[float]) -> list[float]:

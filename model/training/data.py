@@ -61,6 +61,10 @@ class TrainingCase:
     #: (from the headers where they say). None for simulated cases, made on the model grid, which
     #: training shows through random scanner styles.
     native_spacing_mm: tuple[float, float, float] | None = None
+    #: The SPET's noiseless expectation on the training grid (simulated data only): where the noise
+    #: index is matched to the latent noise, a scanner style's lower-dose image is made from it, so
+    #: that its whole noise has that style's texture (``model.training.calibration``).
+    expectation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.pet.ndim != 3:
@@ -174,9 +178,11 @@ def load_cases(
             pet = resample_isotropic(case.spet_bqml, case.spacing_mm, spacing_mm)
             ct = resample_isotropic(case.ct_hu, case.spacing_mm, spacing_mm, default=AIR_HU)
             meta = case.meta
+            expectation = resample_isotropic(case.expectation_bqml, case.spacing_mm, spacing_mm)
             cases.append(
                 TrainingCase(
-                    Path(path).name, np.clip(pet, 0.0, None), ct, meta.get("recon"), meta.get("scanner")
+                    Path(path).name, np.clip(pet, 0.0, None), ct, meta.get("recon"), meta.get("scanner"),
+                    expectation=expectation.astype(np.float32),
                 )
             )
         source = "simulated"

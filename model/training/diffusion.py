@@ -40,9 +40,14 @@ from model.networks.checkpoint import (
     save_training_state,
 )
 from model.networks.diffusion import GaussianSchedule, LatentDiffusion
-from model.networks.noise_level import NoiseCurve
+from model.networks.noise_level import LATENT_BAND, NoiseCurve
 from model.networks.upete_model import ModelConfig, NormalisationConfig, UPETeModel, default_config
-from model.training.calibration import floor_first_sigma, latent_moments, measure_noise_curve
+from model.training.calibration import (
+    floor_first_sigma,
+    latent_moments,
+    match_noise_index,
+    measure_noise_curve,
+)
 from model.training.data import DicomLoader, fixed_scale_bqml, load_cases
 from model.training.losses import PerceptualLoss, hinge_d_loss, hinge_g_loss, ssim_loss
 from model.training.patches import PatchSampler, PerturbedPool
@@ -382,6 +387,57 @@ class _Run:
 
     # --- calibration -------------------------------------------------------------------------------
 
+    def _matched_curve(
+        self,
+        ae: torch.nn.Module,
+        latent_scale: float,
+        *,
+        t: tuple[float, ...],
+        dose: tuple[float, ...],
+        latent_sigma: tuple[float, ...],
+    ) -> NoiseCurve:
+        """The noise curve of σ_t ``latent_sigma``, its noise-index column matched over scanner styles."""
+        match = match_noise_index(
+            ae,
+            self.pool,
+            latent_scale=latent_scale,
+            scale_bqml=self.config.normalisation.scale_bqml,
+            slabs=self.settings.index_slabs,
+            device=self.device,
+        )
+        index = self.dist.mean(match.index_for(latent_sigma, dose), self.device)
+        if self.dist.main:
+            log.info(
+                "noise index matched to the latent noise",
+                extra={"fields": {"slope": f"{match.slope:.3g}", "spread": f"{match.spread:.3g}",
+                                  "slabs": match.pairs}},
+            )
+        return NoiseCurve(
+            t=t, dose=dose, latent_sigma=latent_sigma,
+            noise_index=tuple(max(v, 1e-12) for v in index), index_band=LATENT_BAND,
+        )
+
+    def match_index(self) -> Path | None:
+        """Re-match an ``--init`` checkpoint's noise index over scanner styles and save it, weights, σ_t
+        and training record unchanged (``--stage index``: a checkpoint calibrated before the index was
+        matched). Returns the checkpoint written (None on other DDP ranks)."""
+        curve = self.config.noise_curve
+        matched = self._matched_curve(
+            self.model.autoencoder.eval(), self.config.latent_scale,
+            t=curve.t, dose=curve.dose, latent_sigma=curve.latent_sigma,
+        )
+        training = dict(load_model_config(self.settings.init_denoiser).training)
+        training["noise_index"] = {"slabs": self.settings.index_slabs, "band": list(matched.index_band)}
+        self.config = dataclasses.replace(self.config, noise_curve=matched, training=training)
+        self.model.with_config(self.config)
+        if not self.dist.main:
+            self.dist.barrier()
+            return None
+        name = f"upete-{self.config.variant.value}.safetensors"
+        path = save_checkpoint(self.out / name, self.model, self.config)
+        self.dist.barrier()
+        return path
+
     def calibrate(self) -> None:
         s = self.settings
         ae = self.model.autoencoder.eval()
@@ -394,7 +450,7 @@ class _Run:
         latent_scale = 1.0 / std
         timesteps = self.config.schedule.timesteps
         t_points = sorted({int(round(v)) for v in np.linspace(0, timesteps, s.curve_points)})
-        sigma, index = measure_noise_curve(
+        sigma = measure_noise_curve(
             ae,
             self.pool,
             latent_scale=latent_scale,
@@ -403,14 +459,14 @@ class _Run:
             slabs=s.curve_slabs,
             device=self.device,
         )
-        sigma = self.dist.mean(list(sigma), self.device)
-        index = self.dist.mean(list(index), self.device)
+        sigma = floor_first_sigma(self.dist.mean(list(sigma), self.device))
         dose_min = self.config.schedule.dose_min
-        curve = NoiseCurve(
+        curve = self._matched_curve(
+            ae,
+            latent_scale,
             t=tuple(float(t) for t in t_points),
             dose=tuple(float(dose_min ** (t / timesteps)) for t in t_points),
-            latent_sigma=tuple(max(v, 1e-6) for v in floor_first_sigma(sigma)),
-            noise_index=tuple(max(v, 1e-12) for v in index),
+            latent_sigma=tuple(max(v, 1e-6) for v in sigma),
         )
         ae_summary = self._summary(steps=s.ae_steps)
         self.config = dataclasses.replace(
@@ -544,6 +600,8 @@ def train(
             run.calibrate()
             stage = run.meta["stage"]
         ae_path = run.out / AUTOENCODER_NAME
+        if settings.stage is TrainStage.INDEX:
+            return TrainResult(run.match_index(), None, run.losses)
         if settings.stage is TrainStage.AE:
             return TrainResult(None, ae_path if ae_path.is_file() else None, run.losses)
         if stage == "ae":

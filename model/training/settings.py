@@ -62,6 +62,8 @@ class TrainStage(str, Enum):
     AE = "ae"  # the autoencoder, then its calibration
     DENOISER = "denoiser"  # the denoiser on an autoencoder already trained (--init or --resume)
     BOTH = "both"
+    # Re-match the noise index of --init (autoencoder) + --init-denoiser over scanner styles; no training.
+    INDEX = "index"
 
 
 class ForwardProcess(str, Enum):
@@ -120,6 +122,7 @@ class TrainSettings(RunSettings):
     normalisation: str = "fixed"
     curve_points: int = 9  # σ_t is close to log-linear in t: 50-step spacing is plenty
     curve_slabs: int = 3
+    index_slabs: int = 48  # slabs of random scanner styles and doses the noise index is matched on
 
     def __post_init__(self) -> None:
         if not isinstance(self.stage, TrainStage):
@@ -138,6 +141,12 @@ class TrainSettings(RunSettings):
             raise ValueError(
                 "--stage denoiser needs a trained autoencoder: give --init CHECKPOINT or --resume"
             )
+        index_inputs = self.init is not None and self.init_denoiser is not None and not self.resume
+        if self.stage is TrainStage.INDEX and not index_inputs:
+            raise ValueError(
+                "--stage index re-matches a trained checkpoint's noise index: give --init CHECKPOINT and "
+                "--init-denoiser CHECKPOINT (usually the same file), not --resume"
+            )
         if min(self.ae_steps, self.denoiser_steps) < 0 or self.batch_size < 1:
             raise ValueError("steps must be ≥ 0 and batch_size ≥ 1")
         if not 0 <= self.noisy_fraction <= 1:
@@ -146,8 +155,8 @@ class TrainSettings(RunSettings):
             raise ValueError("init_denoiser needs --init CHECKPOINT (the autoencoder it denoises for)")
         if self.ae_gain_max < 1:
             raise ValueError(f"ae_gain_max must be ≥ 1, found {self.ae_gain_max}")
-        if self.curve_points < 2 or self.curve_slabs < 1:
-            raise ValueError("curve_points must be ≥ 2 and curve_slabs ≥ 1")
+        if self.curve_points < 2 or self.curve_slabs < 1 or self.index_slabs < 3:
+            raise ValueError("curve_points must be ≥ 2, curve_slabs ≥ 1 and index_slabs ≥ 3")
 
 
 #: Default training patches (z, y, x): 96³ where a GPU trains, the two-core CPU scale otherwise

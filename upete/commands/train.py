@@ -91,7 +91,12 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", type=Path, required=True, help="folder for checkpoints and state"
     )
-    parser.add_argument("--stage", choices=[s.value for s in TrainStage], help="default both")
+    parser.add_argument(
+        "--stage",
+        choices=[s.value for s in TrainStage],
+        help="default both; 'index' only re-matches the noise index (where the node places an LPET of "
+        "unknown dose) of --init + --init-denoiser over scanner styles and saves that checkpoint in --out",
+    )
     parser.add_argument(
         "--init",
         metavar="CKPT",

@@ -11,6 +11,7 @@ import torch
 
 from model.networks.checkpoint import load_checkpoint, load_model_config, read_training_meta
 from model.networks.diffusion import Variant
+from model.networks.noise_level import FINE_BAND, LATENT_BAND
 from model.training.data import TrainingCase, load_cases
 from model.training.diffusion import TrainSettings, train
 from model.training.patches import PatchSampler, PerturbedPool
@@ -27,6 +28,7 @@ FAST = dict(
     patch_size=(8, 16, 16),
     curve_points=3,
     curve_slabs=1,
+    index_slabs=4,
     pool_size=2,
     log_every_s=0.0,
 )
@@ -45,7 +47,7 @@ def _settings(variant: str, data, out, **kw) -> TrainSettings:
 def test_the_stage_is_an_enum_built_from_its_cli_spelling(tmp_path) -> None:
     assert _settings("ldm", tmp_path, tmp_path, stage="ae").stage is TrainStage.AE
     assert _settings("ldm", tmp_path, tmp_path).stage is TrainStage.BOTH
-    with pytest.raises(ValueError, match="stage must be one of ae, denoiser, both, found 'all'"):
+    with pytest.raises(ValueError, match="stage must be one of ae, denoiser, both, index, found 'all'"):
         _settings("ldm", tmp_path, tmp_path, stage="all")
     assert _settings("ldm", tmp_path, tmp_path, forward="perturb").forward is ForwardProcess.PERTURB
     with pytest.raises(ValueError, match="forward must be one of inject, perturb, found 'thin'"):
@@ -111,6 +113,32 @@ def test_init_denoiser_fine_tunes_the_checkpoint_s_denoiser(data, tmp_path) -> N
         train(_settings("ldm-p", data, tmp_path / "c", init=first.checkpoint, init_denoiser=first.checkpoint))
     with pytest.raises(ValueError, match="init_denoiser needs --init"):
         train(_settings("ldm-p", data, tmp_path / "d", init_denoiser=first.checkpoint))
+
+
+def test_stage_index_matches_the_noise_index_again_and_keeps_everything_else(data, tmp_path) -> None:
+    first = train(_settings("ldm-p-ct", data, tmp_path / "a", ae_steps=2, denoiser_steps=2, curve_points=3))
+    # A checkpoint calibrated before the index was matched: its curve names no band (the fine one).
+    config_file = first.checkpoint.with_suffix(".json")
+    legacy = json.loads(config_file.read_text())
+    del legacy["noise_curve"]["index_band"]
+    config_file.write_text(json.dumps(legacy))
+    assert load_model_config(first.checkpoint).noise_curve.index_band == FINE_BAND
+    again = train(
+        _settings("ldm-p-ct", data, tmp_path / "b", stage="index", init=first.checkpoint,
+                  init_denoiser=first.checkpoint)
+    )  # fmt: skip
+    before, after = load_checkpoint(first.checkpoint), load_checkpoint(again.checkpoint)
+    for name, weight in before.state_dict().items():
+        assert torch.equal(weight, after.state_dict()[name]), name
+    old, new = before.config.noise_curve, after.config.noise_curve
+    assert new.index_band == LATENT_BAND and (new.t, new.latent_sigma) == (old.t, old.latent_sigma)
+    assert new.noise_index[0] < new.noise_index[1] < new.noise_index[2]
+    assert after.config.latent_scale == before.config.latent_scale
+    training = after.config.training
+    assert training["denoiser"] == before.config.training["denoiser"]  # no step was trained
+    assert training["noise_index"] == {"slabs": 4, "band": list(LATENT_BAND)}
+    with pytest.raises(ValueError, match="--stage index re-matches"):
+        train(_settings("ldm-p-ct", data, tmp_path / "c", stage="index", init=first.checkpoint))
 
 
 def test_stage_ae_with_init_trains_that_autoencoder_further_and_calibrates_again(data, tmp_path) -> None:
