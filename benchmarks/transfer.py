@@ -180,9 +180,9 @@ class _Placement(logging.Handler):
 
 
 def _digest(path: Path) -> str:
-    import hashlib
+    from model.networks.checkpoint import weights_digest  # weights and config: either changes outputs
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return weights_digest(path)
 
 
 def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str, Any],
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases_reused": reused,
         "styles": {s: STYLES[s].describe() for s in styles},
         "seeds": seeds,
-        "models": {name: f"{_shown(path)} (sha256 {_digest(path)}…)" for name, path in models.items()},
+        "models": {name: f"{_shown(path)} (version {_digest(path)})" for name, path in models.items()},
         "steps": args.steps,
     }
     out = Path(args.out)

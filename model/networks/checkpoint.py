@@ -119,11 +119,16 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
 
 
 def weights_digest(path: str | Path, length: int = 12) -> str:
-    """Hex SHA-256 prefix of the weights file: the model version recorded in derived series."""
+    """Hex SHA-256 prefix of the weights file and its JSON config: the model version recorded in
+    derived series. The config counts because it changes the output as the weights do (the sampler's
+    steps, the noise curve that places an LPET on the schedule)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    for part in (Path(path), config_path(path)):
+        if not part.is_file():
+            continue  # a model without a JSON config (the supervised U-Net's older files)
+        with open(part, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:length]
 
 

@@ -62,7 +62,11 @@ def test_files_are_safetensors_and_json(tmp_path) -> None:
         "patch_size", "training", "format_version", "software_version",
     }  # fmt: skip
     assert ModelConfig.from_json(document) == load_model_config(path)
-    assert len(weights_digest(path)) == 12
+    version = weights_digest(path)
+    assert len(version) == 12
+    # The config is part of the version: a new noise curve or sampler changes the output as weights do.
+    config_path(path).write_text(json.dumps({**document, "latent_scale": 2.0 * document["latent_scale"]}))
+    assert weights_digest(path) != version
 
 
 def test_config_errors_name_the_problem(tmp_path) -> None:
