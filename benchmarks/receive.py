@@ -76,6 +76,10 @@ _scp.validate_instance = _timed("validate every element", _scp.validate_instance
 _S = _st.InstanceStore
 _S._place = _timed("file: rename to its final name", _S._place)
 _st.fsync_dir = _timed("directory fsync (a helper thread, during validation)", _st.fsync_dir)
+_S._in_helper = _timed("wait until a helper is inside its fsync (file, directory)", _S._in_helper)
+import dicomnode.jobs as _jobs
+_jobs.JobQueue.is_our_series = _timed("loop guard: is the series our own output (database)",
+                                      _jobs.JobQueue.is_our_series)
 _st.Staged.commit = _timed("commit: wait for the file and name fsyncs, then the row", _st.Staged.commit)
 _S._insert_rows = _timed("database row: commit (WAL fsync)", _S._insert_rows)
 atexit.register(lambda: open(os.environ["UPETE_PROFILE_OUT"], "w").write(json.dumps(_T)))
@@ -247,7 +251,8 @@ def _markdown(report: dict, repeat: int, notes: list[str]) -> str:
         f"before the runs): {report['fsync_ms']:.1f} ms. Per instance the floor waits twice (its file, then "
         "its name), the floor without the directory fsync once; the node waits for the row's commit "
         "(shared with concurrent associations), the fsyncs of its file and of its name running in helper "
-        "threads while the file is parsed and validated (dicomnode/store.py). How long a wait takes on "
+        "threads while the file is parsed and validated (the handler goes on once each helper is inside its "
+        "fsync; dicomnode/store.py). How long a wait takes on "
         "this virtual machine depends on the load as much as on the disk (a waiting CPU that idles wakes "
         "late), so the ratio is only meaningful within one run.", "",
     ]
