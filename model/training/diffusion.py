@@ -428,7 +428,9 @@ class _Run:
         )
         training = dict(load_model_config(self.settings.init_denoiser).training)
         training["noise_index"] = {"slabs": self.settings.index_slabs, "band": list(matched.index_band)}
-        self.config = dataclasses.replace(self.config, noise_curve=matched, training=training)
+        self.config = dataclasses.replace(
+            self.config, noise_curve=matched, training=training, software_version=software_version()
+        )
         self.model.with_config(self.config)
         if not self.dist.main:
             self.dist.barrier()

@@ -137,6 +137,7 @@ def test_stage_index_matches_the_noise_index_again_and_keeps_everything_else(dat
     training = after.config.training
     assert training["denoiser"] == before.config.training["denoiser"]  # no step was trained
     assert training["noise_index"] == {"slabs": 4, "band": list(LATENT_BAND)}
+    assert after.config.software_version == before.config.software_version != ""
     with pytest.raises(ValueError, match="--stage index re-matches"):
         train(_settings("ldm-p-ct", data, tmp_path / "c", stage="index", init=first.checkpoint))
 
