@@ -54,7 +54,6 @@ def measure_noise_curve(
     pool: PerturbedPool,
     *,
     latent_scale: float,
-    scale_bqml: float,
     t_points: Sequence[int],
     slabs: int,
     crops: int = 2,
@@ -182,7 +181,7 @@ def match_noise_index(
         crops = np.stack([sampler.normalise(case, a)[:, y : y + py, x : x + px] for a in (clean, noisy)])
         z = autoencoder.encode(torch.from_numpy(crops[:, None]).float().to(device)).mean * latent_scale
         var = float(((z[1] - z[0]) ** 2).mean()) / whole
-        index = noise_index(sampler.normalise(case, noisy), band=band)
+        index = noise_index(noisy / scale_bqml, band=band)  # as the node reads an LPET (÷ the fixed scale)
         if var > 0 and index > 0:
             log_index.append(math.log(index))
             log_var.append(math.log(var))

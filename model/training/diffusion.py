@@ -456,7 +456,6 @@ class _Run:
             ae,
             self.pool,
             latent_scale=latent_scale,
-            scale_bqml=self.config.normalisation.scale_bqml,
             t_points=t_points,
             slabs=s.curve_slabs,
             device=self.device,
