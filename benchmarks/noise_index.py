@@ -167,9 +167,7 @@ class Placement:
         with torch.no_grad():
             z = self.model.autoencoder.encode(torch.from_numpy(batch).float()).mean * self.config.latent_scale
         var = float(((z[0] - z[1]) ** 2).mean())
-        curve = self.config.noise_curve
-        sigma2 = np.maximum.accumulate(np.asarray(curve.latent_sigma, dtype=np.float64) ** 2)
-        return float(np.interp(var, sigma2 + np.arange(sigma2.size) * 1e-12, curve.t)), var
+        return self.config.noise_curve.t_from_latent_sigma(math.sqrt(var)), var
 
     def estimate_t(self, lpet: np.ndarray) -> float:
         return self.config.noise_curve.t_from_image(lpet / self.config.normalisation.scale_bqml)

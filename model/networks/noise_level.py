@@ -107,6 +107,13 @@ class NoiseCurve:
         """
         return np.sqrt(np.interp(t, self.t, self._monotone(self.latent_sigma) ** 2))
 
+    def t_from_latent_sigma(self, sigma: float) -> float:
+        """The t whose σ_t is ``sigma``: the inverse of :meth:`latent_sigma_at` (linear in σ², clipped to
+        the measured range)."""
+        variance = self._monotone(self.latent_sigma) ** 2
+        variance = variance + np.arange(variance.size) * 1e-12  # flat stretches: increasing x for interp
+        return float(np.interp(float(sigma) ** 2, variance, self.t))
+
     def t_from_noise_index(self, value: float) -> float:
         """t* whose measured noise index matches ``value`` (clipped to the measured range)."""
         curve = np.log(self._monotone(self.noise_index))

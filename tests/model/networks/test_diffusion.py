@@ -187,6 +187,10 @@ def test_noise_curve_interpolates_and_inverts() -> None:
         t=(0, 50, 100), dose=(1, 0.4, 0.2), latent_sigma=(1e-6, 0.1, 0.2), noise_index=(1, 2, 3)
     )
     assert injected.latent_sigma_at(12.5) == pytest.approx(0.05, rel=1e-3)
+    # The t of a latent noise level is the inverse of σ_t, clipped to the measured range.
+    for t in (0.0, 12.5, 60.0, 100.0):
+        assert injected.t_from_latent_sigma(float(injected.latent_sigma_at(t))) == pytest.approx(t, abs=1e-3)
+    assert injected.t_from_latent_sigma(10.0) == 100.0
     assert curve.t_from_noise_index(0.1) == pytest.approx(200)
     assert curve.t_from_noise_index(math.sqrt(0.01 * 0.1)) == pytest.approx(100)
     assert curve.t_from_noise_index(1e-9) == 0 and curve.t_from_noise_index(1e9) == 400
