@@ -67,17 +67,13 @@ def _band_name(band: tuple[float, float]) -> str:
 def band_scan(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per band: the power law log σ²_latent = a + b · log index fitted over ``rows``, and the residual
     spread (standard deviation of log σ²): how well that band's index predicts the latent noise."""
+    from model.training.calibration import IndexMatch  # the fit calibration makes
+
     y = np.log([r["latent_variance"] for r in rows])
     out = {}
     for band in BANDS:
-        x = np.log([r["band_index"][_band_name(band)] for r in rows])
-        slope, intercept = np.polyfit(x, y, 1)
-        residual = y - (intercept + slope * x)
-        out[_band_name(band)] = {
-            "slope": float(slope),
-            "spread": float(residual.std()),
-            "largest": float(np.abs(residual).max()),
-        }
+        fit = IndexMatch.fit(np.log([r["band_index"][_band_name(band)] for r in rows]), y)
+        out[_band_name(band)] = {"slope": fit.slope, "spread": fit.spread, "largest": fit.largest}
     return out
 
 
@@ -149,24 +145,24 @@ class Placement:
     """One checkpoint: its latent noise measure and its placement from the image."""
 
     def __init__(self, path: Path) -> None:
-        import torch
-
         from model.networks.checkpoint import load_checkpoint
 
         self.model = load_checkpoint(path, device="cpu")
         self.config = self.model.config
-        self.torch = torch
 
     def right_t(self, lpet: np.ndarray, expectation: np.ndarray) -> tuple[float, float]:
         """``(t, σ²)``: the LPET's latent noise variance against the expectation (both model grid, Bq/ml)
         and the t whose σ_t it is."""
-        torch = self.torch
+        from model.training.calibration import latent_noise_variance
+
         box = _crop(expectation)
         scale = self.config.normalisation.scale_bqml
-        batch = np.stack([lpet[box], expectation[box]])[:, None] / scale
-        with torch.no_grad():
-            z = self.model.autoencoder.encode(torch.from_numpy(batch).float()).mean * self.config.latent_scale
-        var = float(((z[0] - z[1]) ** 2).mean())
+        var = latent_noise_variance(
+            self.model.autoencoder,
+            expectation[box] / scale,
+            lpet[box] / scale,
+            latent_scale=self.config.latent_scale,
+        )
         return self.config.noise_curve.t_from_latent_sigma(math.sqrt(var)), var
 
     def estimate_t(self, lpet: np.ndarray) -> float:

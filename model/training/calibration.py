@@ -25,7 +25,14 @@ from model.training.data import body_candidates, random_patch_origin
 from model.training.patches import PatchSampler, PerturbedPool
 from model.training.styles import draw_style
 
-__all__ = ["IndexMatch", "floor_first_sigma", "latent_moments", "match_noise_index", "measure_noise_curve"]
+__all__ = [
+    "IndexMatch",
+    "floor_first_sigma",
+    "latent_moments",
+    "latent_noise_variance",
+    "match_noise_index",
+    "measure_noise_curve",
+]
 
 
 @torch.no_grad()
@@ -101,16 +108,42 @@ def measure_noise_curve(
     return sigma
 
 
+@torch.no_grad()
+def latent_noise_variance(
+    autoencoder: AutoencoderKL,
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    *,
+    latent_scale: float,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean square of E(noisy) − E(clean) in scaled latent units: the noise the denoiser would be asked to
+    remove. ``clean`` and ``noisy`` are ``(z, y, x)`` crops of one shape in the autoencoder's input unit."""
+    batch = torch.from_numpy(np.stack([clean, noisy])[:, None]).float().to(device)
+    z = autoencoder.encode(batch).mean * latent_scale
+    return float(((z[1] - z[0]) ** 2).mean())
+
+
 @dataclass(frozen=True)
 class IndexMatch:
     """How the noise index maps to latent noise: ``log σ² = intercept + slope · log index`` fitted over
     slabs of many scanner styles and doses; ``spread`` the residual standard deviation of log σ² (0.1
-    ≈ 10 % in σ²), ``pairs`` the slabs it was fitted on."""
+    ≈ 10 % in σ²), ``largest`` its largest absolute residual, ``pairs`` the slabs it was fitted on."""
 
     intercept: float
     slope: float
     spread: float
     pairs: int
+    largest: float = 0.0
+
+    @classmethod
+    def fit(cls, log_index: Sequence[float], log_variance: Sequence[float]) -> IndexMatch:
+        """Least-squares power law of ``log_variance`` on ``log_index`` (any slope: callers judge it)."""
+        x, y = np.asarray(log_index, dtype=np.float64), np.asarray(log_variance, dtype=np.float64)
+        slope, intercept = np.polyfit(x, y, 1)
+        residual = y - (intercept + slope * x)
+        spread, largest = float(residual.std()), float(np.abs(residual).max())
+        return cls(float(intercept), float(slope), spread, len(x), largest)
 
     def index_for(self, latent_sigma: Sequence[float], dose: Sequence[float]) -> list[float]:
         """The noise index of an image of dose ``dose`` whose added latent noise is ``latent_sigma``.
@@ -178,20 +211,24 @@ def match_noise_index(
             whole = 1.0 - dose
         body = body_candidates(clean, stride=2)
         y, x = random_patch_origin(clean.shape, sampler.patch, rng, candidates=body)[1:]
-        crops = np.stack([sampler.normalise(case, a)[:, y : y + py, x : x + px] for a in (clean, noisy)])
-        z = autoencoder.encode(torch.from_numpy(crops[:, None]).float().to(device)).mean * latent_scale
-        var = float(((z[1] - z[0]) ** 2).mean()) / whole
+        clean_crop, noisy_crop = (
+            sampler.normalise(case, a)[:, y : y + py, x : x + px] for a in (clean, noisy)
+        )
+        var = latent_noise_variance(
+            autoencoder, clean_crop, noisy_crop, latent_scale=latent_scale, device=device
+        ) / whole
         index = noise_index(noisy / scale_bqml, band=band)  # as the node reads an LPET (÷ the fixed scale)
         if var > 0 and index > 0:
             log_index.append(math.log(index))
             log_var.append(math.log(var))
     if len(log_index) < 3 or np.ptp(log_index) <= 0:
         raise ValueError(f"noise index match: {len(log_index)} usable slabs of {slabs}, need ≥ 3 that differ")
-    slope, intercept = np.polyfit(log_index, log_var, 1)
-    if slope <= 0:
-        raise ValueError(f"noise index match: latent noise does not grow with the index (slope {slope:.3g})")
-    residual = np.asarray(log_var) - (intercept + slope * np.asarray(log_index))
-    return IndexMatch(float(intercept), float(slope), float(residual.std()), len(log_index))
+    match = IndexMatch.fit(log_index, log_var)
+    if match.slope <= 0:
+        raise ValueError(
+            f"noise index match: latent noise does not grow with the index (slope {match.slope:.3g})"
+        )
+    return match
 
 
 def floor_first_sigma(sigma: Sequence[float]) -> list[float]:
