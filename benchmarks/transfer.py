@@ -179,12 +179,6 @@ class _Placement(logging.Handler):
         self._logger.setLevel(self._level)
 
 
-def _digest(path: Path) -> str:
-    from model.networks.checkpoint import weights_digest  # weights and config: either changes outputs
-
-    return weights_digest(path)
-
-
 def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str, Any],
              save_dir: str | None, cache: dict[str, Path] | None = None) -> list[dict[str, Any]]:
     """Generate one case, send each dose's LPET through the node's path with every model, score it.
@@ -393,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(enhancers)
     # A rerun after a crash, a timeout or with one more model infers only what is not kept yet.
     work = Path(args.work)
-    cache = {name: work / f"{_digest(path)}-steps-{args.steps or 'default'}" for name, path in models.items()}
+    # Keyed on the model version the enhancer recorded (weights and JSON config: either changes outputs).
+    versions = {name: enhancer.info.version for name, enhancer in enhancers.items()}
+    cache = {name: work / f"{versions[name]}-steps-{args.steps or 'default'}" for name in models}
     reused = sum(1 for folder in cache.values() if folder.is_dir() and any(folder.iterdir()))
     rows = []
     for style in styles:
@@ -411,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases_reused": reused,
         "styles": {s: STYLES[s].describe() for s in styles},
         "seeds": seeds,
-        "models": {name: f"{_shown(path)} (version {_digest(path)})" for name, path in models.items()},
+        "models": {name: f"{_shown(path)} (version {versions[name]})" for name, path in models.items()},
         "steps": args.steps,
     }
     out = Path(args.out)
