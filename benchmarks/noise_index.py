@@ -172,7 +172,7 @@ class Placement:
         return self.config.schedule.dose_at(t)
 
 
-def _validation_volumes(doses: list[float], random_styles: int):  # noqa: ANN202 - a generator of tuples
+def validation_volumes(doses: list[float], random_styles: int):  # noqa: ANN202 - a generator of tuples
     import torch
 
     from model.physics import ScannerModel, inject_dose_noise
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: Placement(Path(path)) for name, path in specs}
     names = list(models)
     doses = [float(d) for d in args.doses.split(",")]
-    sets = {"validation": _score(_validation_volumes(doses, args.random_styles), models, names[0])}
+    sets = {"validation": _score(validation_volumes(doses, args.random_styles), models, names[0])}
     if not args.no_transfer:
         sets["transfer"] = _score(_transfer_volumes(doses, args.transfer_seed), models, names[0])
     header = {

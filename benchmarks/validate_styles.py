@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import sys
@@ -51,13 +50,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _score(x: np.ndarray, truth: np.ndarray, body: np.ndarray, lesion_labels: np.ndarray) -> dict[str, Any]:
+    """PSNR against ``truth`` in ``body`` (peak: its maximum there) and the mean lesion SUVmax bias of
+    lesions ≥ 10 mm (None without one; biases are relative, so the SUV scale cancels)."""
+    from model.evaluation.metrics import lesion_suv_bias, psnr
+
+    lesions = [
+        b
+        for b in lesion_suv_bias(x, truth, lesion_labels, weight_kg=70.0, injected_bq=3e8)
+        if b.n_voxels >= MIN_LESION_VOXELS
+    ]
+    return {
+        "psnr": psnr(x, truth, data_range=float(truth[body].max()), mask=body),
+        "suvmax_bias": float(np.mean([b.suvmax_bias for b in lesions])) if lesions else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from benchmarks.noise_index import _validation_volumes
+    from benchmarks.noise_index import validation_volumes
     from model.enhancers.diffusion import load_diffusion_enhancer
     from model.enhancers.options import InferenceOptions
     from model.evaluation.machine import machine_description
-    from model.evaluation.metrics import lesion_suv_bias
     from model.simulation import dataset
 
     started = time.perf_counter()
@@ -66,32 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     enhancers = {name: load_diffusion_enhancer(path, InferenceOptions(device="cpu")) for name, path in specs}
     rows: list[dict[str, Any]] = []
     cases: dict[int, Any] = {}
-    for style, seed, _dose, lpet, _clean in _validation_volumes([args.dose], 0):
-        case = cases.setdefault(seed, dataset.load_case(ROOT / f"data/quality/val/case_{seed}"))
-        truth = case.expectation_bqml
+    for style, seed, _dose, lpet, _clean in validation_volumes([args.dose], 0):
+        if seed not in cases:  # each phantom read once (setdefault would read it for every style)
+            cases[seed] = dataset.load_case(ROOT / f"data/quality/val/case_{seed}")
+        case = cases[seed]
+        truth, labels = case.expectation_bqml, case.lesion_labels
         body = truth > 0.1 * np.percentile(truth, 99)
-        peak = float(truth[body].max())
-
-        def score(
-            x: np.ndarray,
-            truth: np.ndarray = truth,
-            body: np.ndarray = body,
-            peak: float = peak,
-            case: Any = case,
-        ) -> dict[str, float | None]:
-            mse = float(np.mean((x[body] - truth[body]) ** 2))
-            lesions = [
-                b
-                for b in lesion_suv_bias(x, truth, case.lesion_labels, weight_kg=70.0, injected_bq=3e8)
-                if b.n_voxels >= MIN_LESION_VOXELS
-            ]  # biases are relative: the SUV scale cancels
-            bias = float(np.mean([b.suvmax_bias for b in lesions])) if lesions else None
-            return {"psnr": 10 * math.log10(peak**2 / mse), "suvmax_bias": bias}
-
-        row = {"style": style, "seed": int(seed), "LPET": score(lpet)}
+        row = {"style": style, "seed": int(seed), "LPET": _score(lpet, truth, body, labels)}
         for name, enhancer in enhancers.items():
             ct = case.ct_hu if enhancer.info.uses_ct else None
-            row[name] = score(enhancer.enhance_array(lpet, ct, spacing_mm=(2.0, 2.0, 2.0)))
+            output = enhancer.enhance_array(lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
+            row[name] = _score(output, truth, body, labels)
         rows.append(row)
         print(
             f"{style} {seed}: " + ", ".join(f"{n} {row[n]['psnr']:.2f} dB" for n in ["LPET", *enhancers]),
