@@ -432,13 +432,7 @@ class _Run:
             self.config, noise_curve=matched, training=training, software_version=software_version()
         )
         self.model.with_config(self.config)
-        if not self.dist.main:
-            self.dist.barrier()
-            return None
-        name = f"upete-{self.config.variant.value}.safetensors"
-        path = save_checkpoint(self.out / name, self.model, self.config)
-        self.dist.barrier()
-        return path
+        return self._save_model(self.config)
 
     def calibrate(self) -> None:
         s = self.settings
@@ -552,22 +546,21 @@ class _Run:
         training["seconds"] = self._seconds()
         return dataclasses.replace(self.config, training=training, software_version=software_version())
 
-    def finish(self) -> Path | None:
+    def _save_model(self, config: ModelConfig) -> Path | None:
+        """Write the model with ``config`` into ``out`` on the main rank (None elsewhere), all ranks
+        waiting for it."""
         if not self.dist.main:
             self.dist.barrier()
             return None
-        # The shipped weights are the EMA of the denoiser's: smoother and better than the last step.
-        self.model.diffusion.load_state_dict(self.ema.shadow.state_dict())
-        path = save_checkpoint(
-            self.out / f"upete-{self.config.variant.value}.safetensors",
-            self.model,
-            self._final_config(denoiser_steps=self.settings.denoiser_steps),
-        )
-        log.info(
-            "model saved", extra={"fields": {"checkpoint": str(path), "variant": self.config.variant.value}}
-        )
+        path = save_checkpoint(self.out / f"upete-{config.variant.value}.safetensors", self.model, config)
+        log.info("model saved", extra={"fields": {"checkpoint": str(path), "variant": config.variant.value}})
         self.dist.barrier()
         return path
+
+    def finish(self) -> Path | None:
+        # The shipped weights are the EMA of the denoiser's: smoother and better than the last step.
+        self.model.diffusion.load_state_dict(self.ema.shadow.state_dict())
+        return self._save_model(self._final_config(denoiser_steps=self.settings.denoiser_steps))
 
 
 def config_for(settings: TrainSettings, scale_bqml: float, patch: tuple[int, int, int]) -> ModelConfig:

@@ -125,16 +125,14 @@ class TrainSettings(RunSettings):
     index_slabs: int = 48  # slabs of random scanner styles and doses the noise index is matched on
 
     def __post_init__(self) -> None:
-        if not isinstance(self.stage, TrainStage):
-            if self.stage not in {s.value for s in TrainStage}:
-                known = ", ".join(s.value for s in TrainStage)
-                raise ValueError(f"stage must be one of {known}, found {self.stage!r}")
-            object.__setattr__(self, "stage", TrainStage(self.stage))  # frozen: set once, here
-        if not isinstance(self.forward, ForwardProcess):
-            if self.forward not in {f.value for f in ForwardProcess}:
-                known = ", ".join(f.value for f in ForwardProcess)
-                raise ValueError(f"forward must be one of {known}, found {self.forward!r}")
-            object.__setattr__(self, "forward", ForwardProcess(self.forward))
+        # Enum fields accept their spelling (CLI, JSON); frozen, so each is set once, here.
+        for name, kind in (("stage", TrainStage), ("forward", ForwardProcess)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                if value not in {member.value for member in kind}:
+                    known = ", ".join(member.value for member in kind)
+                    raise ValueError(f"{name} must be one of {known}, found {value!r}")
+                object.__setattr__(self, name, kind(value))
 
     def validate(self) -> None:
         if self.stage is TrainStage.DENOISER and self.init is None and not self.resume:
