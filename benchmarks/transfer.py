@@ -8,9 +8,12 @@ transfer generator makes the truth, the noiseless expectation, the SPET and the 
 LPET goes out as a DICOM PET series and the CT as a CT series (dicomnode.testing.scanner); the CT's
 50 cm field of view is padded with air (−1000 HU) to the PET's where the PET's is wider, as a
 scanner's extended-FOV CTAC does (the node would give the model the same air outside a 50 cm CT).
-The node's path ``dicomnode.pipeline.enhance_series`` runs LDM-P-CT (with the CT) and LDM-P
-(without), dose unknown to the model, default steps; the derived series is read back with
-``dicomnode.volume.load_series``.
+The node's path ``dicomnode.pipeline.enhance_series`` runs each model (by default the shipped LDM-P-CT,
+with the CT, and LDM-P, without), dose unknown to the model, default steps; the derived series is read
+back with ``dicomnode.volume.load_series``. A model is any checkpoint the node itself loads
+(``model.enhance.load_enhancer``): a uPETe diffusion model, or the supervised reference U-Net (its JSON
+says ``"kind": "supervised"``; trained at one dose, it is given every dose as it is, and has no
+schedule to place the LPET on).
 
 Scores, all against the **noiseless expectation** inside the body (voxels at least half inside the
 phantom's outline), on the PET grid:
@@ -66,10 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="torch device of the models (default auto)")
     p.add_argument("--save-cases", metavar="DIR", help="also save each generated case (save_case) here")
     p.add_argument("--model", action="append", metavar="NAME=CHECKPOINT",
-                   help="a model to score (repeatable; default the shipped LDM-P-CT and LDM-P)")
+                   help="a model to score, any checkpoint the node loads: uPETe diffusion or supervised "
+                        "U-Net (repeatable; NAME labels it in the report; default the shipped LDM-P-CT and "
+                        "LDM-P)")
     p.add_argument("--work", default=str(ROOT / "data" / "transfer"),
-                   help="each model's outputs are kept here, under its checkpoint's digest, and reused by a "
-                        "rerun (default data/transfer)")
+                   help="each model's outputs are kept here, under its model version (the digest of its "
+                        "weights and JSON), and reused by a rerun (default data/transfer)")
     p.add_argument("--out", default=str(RESULTS / "transfer"), help="results path without suffix")
     return p
 
@@ -156,7 +161,8 @@ def score_case(case: Any, dose: float, outputs: dict[str, np.ndarray], lpet: np.
 
 class _Placement(logging.Handler):
     """Catches where the diffusion enhancer placed the LPET on its schedule (its log line): the dose
-    equivalent of t*, the node's own estimate when no dose is given. NaN for models that log none."""
+    equivalent of t*, the node's own estimate when no dose is given. NaN for models that log none (the
+    supervised U-Net has no schedule)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -224,7 +230,7 @@ def run_case(style: str, seed: int, doses: Sequence[float], enhancers: dict[str,
                     kept.with_suffix(".tmp.npz").replace(kept)
         row = score_case(case, dose, outputs, lpet)
         row["seconds"] = {"generate": generated, **seconds}
-        row["dose_equivalent"] = placed
+        row["dose_equivalent"] = {k: None if np.isnan(v) else v for k, v in placed.items()}
         rows.append(row)
         m = row["methods"]
         print(f"{style} {seed} dose {dose:g}: LPET {m['LPET']['psnr']:.2f} dB, Gaussian "
@@ -288,8 +294,10 @@ def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[st
     lines += [f"- **{name}**: {text}" for name, text in header["styles"].items()]
     lines += ["", f"Cases: seeds {header['seeds']} (the transfer set, never used for training or any "
               "choice). Models through `dicomnode.pipeline.enhance_series`, dose unknown to them, default "
-              "steps; CT-guided models with the study's CT, PET-only ones without.", "",
+              "steps; CT-guided models with the study's CT, PET-only ones without; a supervised U-Net, "
+              "trained at one dose, is given every dose as it is.", "",
               "Models: " + "; ".join(f"**{n}** `{p}`" for n, p in header["models"].items()) + ".", "",
+              *[f"- **{n}**: {d}" for n, d in header.get("descriptions", {}).items()], "",
               "PSNR in dB against the **noiseless expectation** (the style's reconstruction of the noiseless "
               "sinogram), peak = its maximum in the body, MSE over body voxels. **Gap closed** = "
               "1 − MSE(method)/MSE(LPET) against the expectation (1 = the expectation, 0 = the LPET, "
@@ -318,15 +326,22 @@ def report(summary: dict[str, Any], header: dict[str, Any], methods: Sequence[st
             cells = [f"{_pct(e[n]['suvmax_mean'])} [{_pct(e[n]['suvmax_worst'])}] "
                      f"({_pct(e[n]['suvmean_mean'])})" for n in names]
             lines.append(f"| {style} | {e['lesions_scored']} | " + " | ".join(cells) + " |")
-        lines += ["", f"Where the node placed the {float(dose) * 100:g} % LPET on each model's schedule, "
-                  "dose unknown (the dose equivalent of t*, from the image's noise index; the diffusion step "
-                  "the denoiser is asked to undo, not a claim about the injected activity):", "",
-                  "| style | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-        for style, e in by_style.items():
-            lines.append(f"| {style} | " + " | ".join(_pct(e["dose_equivalent"][m]).lstrip("+")
-                                                      for m in methods) + " |")
+        placing = _placing(by_style, methods)
+        if placing:
+            lines += ["", f"Where the node placed the {float(dose) * 100:g} % LPET on each model's schedule, "
+                      "dose unknown (the dose equivalent of t*, from the image's noise index; the diffusion "
+                      "step the denoiser is asked to undo, not a claim about the injected activity):", "",
+                      "| style | " + " | ".join(placing) + " |", "|---|" + "---:|" * len(placing)]
+            for style, e in by_style.items():
+                lines.append(f"| {style} | " + " | ".join(_pct(e["dose_equivalent"][m]).lstrip("+")
+                                                          for m in placing) + " |")
         lines += ["", *_verdict(by_style, methods), ""]
     return "\n".join(lines) + "\n"
+
+
+def _placing(by_style: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """The models that placed the LPET on a schedule (diffusion ones; not the supervised U-Net)."""
+    return [m for m in methods if any(e["dose_equivalent"].get(m) is not None for e in by_style.values())]
 
 
 def _verdict(by_style: dict[str, Any], methods: Sequence[str]) -> list[str]:
@@ -408,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "styles": {s: STYLES[s].describe() for s in styles},
         "seeds": seeds,
         "models": {name: f"{_shown(path)} (version {versions[name]})" for name, path in models.items()},
+        "descriptions": {name: enhancer.info.description for name, enhancer in enhancers.items()},
         "steps": args.steps,
     }
     out = Path(args.out)

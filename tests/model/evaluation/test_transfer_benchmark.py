@@ -1,0 +1,83 @@
+"""benchmarks/transfer.py scores any checkpoint the node loads: here a tiny supervised U-Net on a tiny
+scanner style, through the node's path, its outputs kept under its model version and reused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.evaluation.transfer import STYLES, Reconstruction, ScannerStyle
+from model.networks.checkpoint import weights_digest
+from model.networks.supervised_unet import SupervisedConfig, SupervisedUNet, save_supervised
+from tests.support.model_toys import one_thread  # noqa: F401 - autouse fixture
+
+TINY_STYLE = ScannerStyle("tiny", pixel_mm=6.0, matrix=64, slice_mm=6.0, n_slices=8, n_angles=32,
+                          system_fwhm_mm=7.0, trues_per_slice=3e5,
+                          recon=Reconstruction("osem", 2, 4, psf_fwhm_mm=7.0, postfilter_fwhm_mm=5.0))
+
+
+def _bench():  # noqa: ANN202 - the script as a module
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "transfer.py"
+    spec = importlib.util.spec_from_file_location("transfer_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _supervised(path: Path, seed: int) -> Path:
+    """A tiny supervised U-Net checkpoint on the style's own 6 mm grid (few tiles), not the identity."""
+    torch.manual_seed(seed)
+    config = SupervisedConfig(channels=(8, 16), res_blocks=1, norm_groups=4, patch_size=(8, 16, 16),
+                              spacing_mm=6.0, scale_bqml=4000.0)
+    model = SupervisedUNet(config)
+    with torch.no_grad():
+        model.out_conv.weight.normal_(0.0, 0.05)
+    return save_supervised(path, model.eval())
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path.name} holds {constant}, not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_supervised_checkpoint_scored_and_cached_by_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(STYLES, "tiny", TINY_STYLE)
+    first = _supervised(tmp_path / "a" / "supervised-unet.safetensors", seed=0)
+    second = _supervised(tmp_path / "b" / "supervised-unet.safetensors", seed=1)
+    work, out = tmp_path / "work", tmp_path / "out" / "transfer"
+    common = ["--cases", "1", "--styles", "tiny", "--doses", "0.5", "--device", "cpu",
+              "--work", str(work), "--out", str(out)]
+    name = "Supervised U-Net (toy)"
+    bench = _bench()
+    assert bench.main([*common, "--model", f"{name}={first}"]) == 0
+
+    kept = work / f"{weights_digest(first)}-steps-default" / "tiny-900000-0.5.npz"
+    assert kept.is_file()
+    data = _strict_json(out.with_suffix(".json"))  # no NaN: the supervised U-Net places no LPET
+    assert data["models"][name].endswith(f"(version {weights_digest(first)})")
+    entry = data["summary"]["0.5"]["tiny"]
+    assert entry["dose_equivalent"] == {name: None}
+    assert np.isfinite(entry[name]["psnr"]) and entry[name]["psnr"] != entry["LPET"]["psnr"]
+    text = out.with_suffix(".md").read_text()
+    assert f"**{name}** `" in text and "supervised residual 3D U-Net" in text
+    assert f"| gap closed: {name} |" in text
+    assert "Where the node placed" not in text  # no schedule, no placement table
+
+    # A rerun reuses the first model's output (kept under its version) and infers only the new one.
+    stamp = kept.stat().st_mtime_ns
+    assert bench.main([*common, "--model", f"{name}={first}", "--model", f"other={second}"]) == 0
+    assert kept.stat().st_mtime_ns == stamp
+    assert (work / f"{weights_digest(second)}-steps-default" / "tiny-900000-0.5.npz").is_file()
+    again = _strict_json(out.with_suffix(".json"))
+    assert again["cases_reused"] == 1
+    assert again["summary"]["0.5"]["tiny"][name] == entry[name]
+    assert again["summary"]["0.5"]["tiny"]["other"]["psnr"] != entry[name]["psnr"]
