@@ -426,11 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         "descriptions": {name: enhancer.info.description for name, enhancer in enhancers.items()},
         "steps": args.steps,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
-    out.with_suffix(".md").write_text(report(summary, header, methods))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    # Suffixes appended, not substituted: ``--out runs/transfer-0.1`` keeps its ".1".
+    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
+    md_path.write_text(report(summary, header, methods))
+    print(f"wrote {md_path} and {json_path}")
     return 0
 
 

@@ -53,7 +53,7 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
     monkeypatch.setitem(STYLES, "tiny", TINY_STYLE)
     first = _supervised(tmp_path / "a" / "supervised-unet.safetensors", seed=0)
     second = _supervised(tmp_path / "b" / "supervised-unet.safetensors", seed=1)
-    work, out = tmp_path / "work", tmp_path / "out" / "transfer"
+    work, out = tmp_path / "work", tmp_path / "out" / "transfer-0.5"  # a dot the suffix must not eat
     common = ["--cases", "1", "--styles", "tiny", "--doses", "0.5", "--device", "cpu",
               "--work", str(work), "--out", str(out)]
     name = "Supervised U-Net (toy)"
@@ -62,12 +62,12 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
 
     kept = work / f"{weights_digest(first)}-steps-default" / "tiny-900000-0.5.npz"
     assert kept.is_file()
-    data = _strict_json(out.with_suffix(".json"))  # no NaN: the supervised U-Net places no LPET
+    data = _strict_json(Path(f"{out}.json"))  # no NaN: the supervised U-Net places no LPET
     assert data["models"][name].endswith(f"(version {weights_digest(first)})")
     entry = data["summary"]["0.5"]["tiny"]
     assert entry["dose_equivalent"] == {name: None}
     assert np.isfinite(entry[name]["psnr"]) and entry[name]["psnr"] != entry["LPET"]["psnr"]
-    text = out.with_suffix(".md").read_text()
+    text = Path(f"{out}.md").read_text()
     assert f"**{name}** `" in text and "supervised residual 3D U-Net" in text
     assert f"| gap closed: {name} |" in text
     assert "Where the node placed" not in text  # no schedule, no placement table
@@ -77,7 +77,7 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
     assert bench.main([*common, "--model", f"{name}={first}", "--model", f"other={second}"]) == 0
     assert kept.stat().st_mtime_ns == stamp
     assert (work / f"{weights_digest(second)}-steps-default" / "tiny-900000-0.5.npz").is_file()
-    again = _strict_json(out.with_suffix(".json"))
+    again = _strict_json(Path(f"{out}.json"))
     assert again["cases_reused"] == 1
     assert again["summary"]["0.5"]["tiny"][name] == entry[name]
     assert again["summary"]["0.5"]["tiny"]["other"]["psnr"] != entry[name]["psnr"]
