@@ -39,6 +39,7 @@ import datetime
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -413,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows, methods)
     command_args = sys.argv[1:] if argv is None else argv
     header = {
-        "command": f"`.venv/bin/python benchmarks/transfer.py {' '.join(command_args)}`",
+        # Quoted as a shell needs it: a --model NAME may hold spaces.
+        "command": f"`.venv/bin/python benchmarks/transfer.py {shlex.join(command_args)}`",
         "machine": machine_description(),
         "load_before": load_before,
         "load_after": [round(v, 2) for v in os.getloadavg()],

@@ -68,6 +68,7 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
     assert entry["dose_equivalent"] == {name: None}
     assert np.isfinite(entry[name]["psnr"]) and entry[name]["psnr"] != entry["LPET"]["psnr"]
     text = Path(f"{out}.md").read_text()
+    assert f"--model '{name}={first}'" in text  # copy-pastable
     assert f"**{name}** `" in text and "supervised residual 3D U-Net" in text
     assert f"| gap closed: {name} |" in text
     assert "Where the node placed" not in text  # no schedule, no placement table
