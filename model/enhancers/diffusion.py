@@ -3,8 +3,9 @@
 Per volume: resample to the model's 2 mm grid → normalise (Bq/ml ÷ the fixed scale, or min-max) →
 place the LPET on the schedule (t* from a known dose fraction, else from its measured noise and the
 checkpoint's noise curve) → for overlapping tiles of the **training patch size** (GroupNorm sees the
-statistics it was trained on): encode, sample from t*, decode → blend the tiles with
-Gaussian weights → invert the normalisation exactly → resample back onto the input grid.
+statistics it was trained on): encode, sample from t*, decode (and, for a clean LPET, put back the
+decoder's own error on it: model/enhancers/detail.py) → blend the tiles with Gaussian weights → invert
+the normalisation exactly → keep the LPET's local mean → resample back onto the input grid.
 A volume that fits in one patch is done whole (padded with air). Same input + same seed → same output.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
+from model.enhancers.detail import detail_weight, restore_decoder_detail
 from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 from model.enhancers.precision import autocast, resolve_precision
@@ -75,6 +77,8 @@ class DiffusionEnhancer(Enhancer):
                 f"uPETe {variant.label} latent diffusion (SPET-only), {self.steps} steps, model {version}"
                 + (f", LPET local mean kept at {config.sampler.local_mean_fwhm_mm:g} mm"
                    if config.sampler.local_mean_fwhm_mm > 0 else "")
+                + (f", decoder detail restored at {config.sampler.decoder_detail_fwhm_mm:g} mm"
+                   if config.sampler.decoder_detail_fwhm_mm > 0 else "")
             ),
             uses_ct=variant.uses_ct,
             requires_ct=variant.uses_ct,
@@ -148,13 +152,17 @@ class DiffusionEnhancer(Enhancer):
         t_poisson: float,
         progress: Progress | None,
         air_pet_limit: float | None = None,
+        detail: float = 0.0,
     ) -> np.ndarray:
         """Enhance a normalised ``(z, y, x)`` array on the model grid; returns the same shape.
 
         Each busy tile is encoded once, sampled with ``tile_batch`` tiles per denoiser call and
         decoded once; GroupNorm normalises per sample, so the batch size does not change a tile's result.
+        With ``detail`` > 0 the LPET latent is decoded too and that weight of the decoder's smoothed
+        error put back (:func:`~model.enhancers.detail.restore_decoder_detail`).
         """
         model, scale = self.model, self.config.latent_scale
+        detail_sigma = self.config.sampler.decoder_detail_fwhm_mm / FWHM_PER_SIGMA / self.config.spacing_mm
         generator = torch.Generator().manual_seed(self.options.seed)
 
         def run_batch(pet_tiles: np.ndarray, ct_tiles: np.ndarray | None) -> np.ndarray:
@@ -183,7 +191,14 @@ class DiffusionEnhancer(Enhancer):
                 started = self._timed("encode", started)
                 z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
                 started = self._timed("sample", started)
-                out = model.autoencoder.decode(z0 / scale).float().cpu().numpy()[:, 0]
+                if detail > 0:  # one decoder call for both: the same batch statistics per sample
+                    both = model.autoencoder.decode(torch.cat([z0, z_lpet]) / scale).float().cpu().numpy()
+                    out = restore_decoder_detail(
+                        both[: len(pet_tiles), 0], pet_tiles, both[len(pet_tiles) :, 0],
+                        weight=detail, sigma_voxels=detail_sigma,
+                    )
+                else:
+                    out = model.autoencoder.decode(z0 / scale).float().cpu().numpy()[:, 0]
             self._timed("decode", started)
             return out
 
@@ -237,20 +252,25 @@ class DiffusionEnhancer(Enhancer):
         else:
             offset, scale = 0.0, norm.scale_bqml
         t_poisson = self.poisson_step(pet_iso / norm.scale_bqml)
+        dose_equivalent = self.config.schedule.dose_at(t_poisson)
+        detail = 0.0
+        if self.config.sampler.decoder_detail_fwhm_mm > 0:
+            detail = detail_weight(dose_equivalent, self.config.sampler.decoder_detail_doses)
         log.info(
             "LPET placed on the schedule",
             extra={
                 "fields": {
                     "t_star": round(t_poisson, 1),
                     "from": "dose fraction" if self.options.dose_fraction is not None else "image noise",
-                    "dose_equivalent": round(self.config.schedule.dose_at(t_poisson), 4),
+                    "dose_equivalent": round(dose_equivalent, 4),
+                    "decoder_detail": round(detail, 3),
                 }
             },
         )
         x_norm = (pet_iso - offset) / scale
         air_pet_limit = (self.options.air_max_bqml - offset) / scale
         self._timed("normalise", started)  # includes placing the LPET on the schedule (noise index)
-        out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress, air_pet_limit)
+        out_norm = self._run_tiles(x_norm, ct_iso, t_poisson, progress, air_pet_limit, detail)
         # Volume-sized arrays no longer needed: a total-body study holds several hundred MB each.
         del x_norm, ct_iso
         started = time.perf_counter()

@@ -66,6 +66,11 @@ class SamplerConfig:
     # > 0: the output keeps the LPET's local mean activity at this scale (model/enhancers/quantitation.py);
     # 0: the paper's sampler output as it is.
     local_mean_fwhm_mm: float = 0.0
+    # > 0: the decoder's own error on the LPET, smoothed by a Gaussian of this FWHM, is put back into
+    # the output where the LPET is placed at a dose equivalent of at least decoder_detail_doses[0],
+    # fully from decoder_detail_doses[1] up (model/enhancers/detail.py); 0: off.
+    decoder_detail_fwhm_mm: float = 0.0
+    decoder_detail_doses: tuple[float, float] = (0.18, 0.35)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -74,6 +79,11 @@ class SamplerConfig:
             raise ValueError(f"tile_overlap must be in [0, 1), found {self.tile_overlap}")
         if self.local_mean_fwhm_mm < 0:
             raise ValueError(f"local_mean_fwhm_mm must be ≥ 0, found {self.local_mean_fwhm_mm}")
+        if self.decoder_detail_fwhm_mm < 0:
+            raise ValueError(f"decoder_detail_fwhm_mm must be ≥ 0, found {self.decoder_detail_fwhm_mm}")
+        low, high = self.decoder_detail_doses
+        if not 0 < low < high <= 1:
+            raise ValueError(f"decoder_detail_doses must be 0 < low < high ≤ 1, found {low}, {high}")
         if self.tile_batch < 1 or self.renoise_ratio < 0:
             raise ValueError(
                 f"tile_batch ({self.tile_batch}) must be ≥ 1 and renoise_ratio ({self.renoise_ratio}) ≥ 0"

@@ -170,3 +170,30 @@ def test_local_mean_setting_keeps_the_lpets_activity_at_that_scale(
     np.testing.assert_allclose(local[body], expected[body], rtol=0.05)
     drift = drifting(pet, None, 0.0, None)
     assert np.abs(out - pet)[body].mean() < 0.25 * np.abs(drift - pet)[body].mean()
+
+
+def test_decoder_detail_is_put_back_for_a_clean_lpet_only(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.networks.upete_model import SamplerConfig
+
+    plain_path = tiny_checkpoint(tmp_path / "plain", "ldm-p", sampler=SamplerConfig(steps=2))
+    detail_path = tiny_checkpoint(
+        tmp_path / "detail", "ldm-p", sampler=SamplerConfig(steps=2, decoder_detail_fwhm_mm=4.0)
+    )
+    pet, _ = tiny_phantom(3, (24, 48, 48))
+    spacing = (2.0, 2.0, 2.0)
+    # A noisy LPET (5 % dose equivalent, below the default 18 %): nothing added, nothing decoded twice.
+    noisy = [
+        _load(p, dose_fraction=0.05).enhance_array(pet, spacing_mm=spacing) for p in (plain_path, detail_path)
+    ]
+    np.testing.assert_array_equal(*noisy)
+
+    # A clean one, with the sampler left out: the untrained decoder's error on the image is put back.
+    outputs = {}
+    for name, path in (("plain", plain_path), ("detail", detail_path)):
+        enhancer = _load(path, dose_fraction=0.8)
+        monkeypatch.setattr(enhancer.model.diffusion, "sample", lambda z, t, **_: z)
+        outputs[name] = enhancer.enhance_array(pet, spacing_mm=spacing)
+    assert "decoder detail restored at 4 mm" in _load(detail_path).info.description
+    body = pet > 0.2 * pet.max()
+    plain_error = np.abs(outputs["plain"] - pet)[body].mean()
+    assert np.abs(outputs["detail"] - pet)[body].mean() < 0.5 * plain_error

@@ -131,3 +131,17 @@ def test_training_state_round_trip_restores_modules_optimizers_and_rng(tmp_path)
 def test_save_refuses_other_suffixes(tmp_path) -> None:
     with pytest.raises(ValueError, match="safetensors"):
         save_checkpoint(tmp_path / "model.pt", UPETeModel(tiny_config("ldm")))
+
+
+def test_the_decoder_detail_setting_round_trips_and_is_checked() -> None:
+    document = tiny_config("ldm-p").to_json()
+    sampler = {**document["sampler"], "decoder_detail_fwhm_mm": 5.0, "decoder_detail_doses": [0.2, 0.4]}
+    config = ModelConfig.from_json({**document, "sampler": sampler})
+    assert config.sampler.decoder_detail_doses == (0.2, 0.4) and config.sampler.decoder_detail_fwhm_mm == 5.0
+    assert ModelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    old = {k: v for k, v in document["sampler"].items() if not k.startswith("decoder_detail")}
+    assert ModelConfig.from_json({**document, "sampler": old}).sampler.decoder_detail_fwhm_mm == 0.0  # off
+    for bad, message in (({"decoder_detail_doses": [0.4, 0.2]}, "0 < low < high"),
+                         ({"decoder_detail_fwhm_mm": -1.0}, "must be ≥ 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_json({**document, "sampler": {**document["sampler"], **bad}})
