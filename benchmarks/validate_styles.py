@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         "models": dict(specs),
         "dose": args.dose,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
+    # Suffixes appended, not substituted: ``--out runs/validate-0.1`` keeps its ".1".
+    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(
         json.dumps({**header, "mean_psnr": mean, "mean_suvmax_bias": lesion, "rows": rows}, indent=1)
     )
 
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         + " | ".join(f"**{mean[n]:.2f}** / {lesion[n]:+.1%}" for n in names)
         + " |",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')}")
+    md_path.write_text("\n".join(md) + "\n")
+    print(f"wrote {md_path}")
     return 0
 
 
