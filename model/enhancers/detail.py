@@ -5,9 +5,11 @@ at the scale of the scanner's resolution) is missing from it at every dose, even
 noise to remove. The LPET holds that detail, with its noise: LPET − D(E(LPET)) is the decoder's error
 on this very image plus the noise E does not pass. Smoothed at the resolution scale and added to the
 output, it returns the detail; only at high dose equivalents, where the noise it carries is small
-(measured on validation phantoms, benchmarks/results/validate_styles.md: at 25–50 % it helps every
-reconstruction style, at ≤ 10 % it adds noise). The weight rises linearly in log dose between two dose
-equivalents, so a clean LPET gets its detail whole and a noisy one none (and costs no extra decoding).
+(fitted per case on validation phantoms, it helped every LPET placed above ≈ 35 % dose equivalent and
+none below ≈ 18 %, where the residual is mostly noise). The weight rises linearly in log dose between
+two dose equivalents, so a clean LPET gets its detail whole and a noisy one none (and costs no extra
+decoding). Chosen on validation (benchmarks/results/validate_detail_*.md); on the transfer set it
+raised PSNR at 10–50 % but lowered lesion SUVmax on three styles (training_runs/README.md).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ class DiffusionEnhancer(Enhancer):
                 started = self._timed("encode", started)
                 z0 = model.diffusion.sample(z_start, t_start, z_ct=z_ct, steps=self.steps)
                 started = self._timed("sample", started)
-                if detail > 0:  # one decoder call for both: the same batch statistics per sample
+                if detail > 0:  # one decoder call for both (GroupNorm is per sample: as two calls)
                     both = model.autoencoder.decode(torch.cat([z0, z_lpet]) / scale).float().cpu().numpy()
                     out = restore_decoder_detail(
                         both[: len(pet_tiles), 0], pet_tiles, both[len(pet_tiles) :, 0],
