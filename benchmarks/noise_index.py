@@ -301,6 +301,7 @@ def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from model.evaluation.machine import machine_description
+    from model.evaluation.report import result_paths
 
     started = time.perf_counter()
     load_before = [round(v, 2) for v in os.getloadavg()]
@@ -323,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     summaries = {k: _summary(v, names) for k, v in sets.items()}
     scan = band_scan(sets["validation"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(
+    json_path, md_path = result_paths(args.out)
+    json_path.write_text(
         json.dumps({**header, "summary": summaries, "band_scan": scan, "rows": sets}, indent=1)
     )
     md = [
@@ -376,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             else "Transfer set: the second generator (report only)"
         )
         md += ["", f"## {title}", "", *_table(rows, names)]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')}")
+    md_path.write_text("\n".join(md) + "\n")
+    print(f"wrote {md_path}")
     return 0
 
 

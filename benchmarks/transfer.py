@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from model.enhance import InferenceOptions, load_enhancer
     from model.evaluation.machine import machine_description
+    from model.evaluation.report import result_paths
     from model.evaluation.transfer import SEED_BASE, STYLES
 
     styles = list(STYLES) if args.styles == "all" else [s.strip() for s in args.styles.split(",")]
@@ -428,9 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "descriptions": {name: enhancer.info.description for name, enhancer in enhancers.items()},
         "steps": args.steps,
     }
-    # Suffixes appended, not substituted: ``--out runs/transfer-0.1`` keeps its ".1".
-    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = result_paths(args.out)
     json_path.write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
     md_path.write_text(report(summary, header, methods))
     print(f"wrote {md_path} and {json_path}")

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.enhancers.diffusion import load_diffusion_enhancer
     from model.enhancers.options import InferenceOptions
     from model.evaluation.machine import machine_description
+    from model.evaluation.report import result_paths
     from model.simulation import dataset
 
     started = time.perf_counter()
@@ -115,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": dict(specs),
         "dose": args.dose,
     }
-    # Suffixes appended, not substituted: ``--out runs/validate-0.1`` keeps its ".1".
-    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = result_paths(args.out)
     json_path.write_text(
         json.dumps({**header, "mean_psnr": mean, "mean_suvmax_bias": lesion, "rows": rows}, indent=1)
     )

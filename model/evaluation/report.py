@@ -23,6 +23,7 @@ __all__ = [
     "plot_lesion_bias_vs_dose",
     "plot_panels",
     "plot_psnr_vs_dose",
+    "result_paths",
     "write_json",
 ]
 
@@ -52,6 +53,17 @@ METRIC_NOTES = """\
 
 
 # ------------------------------------------------------------------------------------------------ JSON
+
+
+def result_paths(out: str | Path) -> tuple[Path, Path]:
+    """The ``.json`` and ``.md`` of a results path given without suffix (a benchmark's ``--out``).
+
+    Suffixes are appended, not substituted: ``runs/transfer-0.1`` keeps its ".1" (``with_suffix``
+    would write ``transfer-0.json``). The folder is created.
+    """
+    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    return json_path, md_path
 
 
 def _finite(value: Any) -> Any:

@@ -337,3 +337,11 @@ def test_cache_version_includes_the_sampler_steps(models_dir: Path) -> None:
     a = checkpoint_method(path, device="cpu", steps=2).at(0.1)
     b = checkpoint_method(path, device="cpu", steps=3).at(0.1)
     assert _version(a, "x") != _version(b, "x") and _version(a, "x").startswith(a.info.version)
+
+
+def test_result_paths_append_their_suffixes_and_make_the_folder(tmp_path: Path) -> None:
+    from model.evaluation.report import result_paths
+
+    json_path, md_path = result_paths(tmp_path / "new" / "validate-0.25")
+    assert (json_path.name, md_path.name) == ("validate-0.25.json", "validate-0.25.md")
+    assert json_path.parent.is_dir()
