@@ -373,7 +373,8 @@ def _models(specs: Sequence[str] | None) -> dict[str, Path]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not Path(path).is_file():
             raise SystemExit(f"--model wants NAME=CHECKPOINT with an existing file, found {spec!r}")
-        out[name] = Path(path).resolve()
+        # Absolute, links not followed: the JSON beside the path given is the one the node reads.
+        out[name] = Path(os.path.abspath(path))
     return out
 
 

@@ -82,3 +82,13 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
     assert again["cases_reused"] == 1
     assert again["summary"]["0.5"]["tiny"][name] == entry[name]
     assert again["summary"]["0.5"]["tiny"]["other"]["psnr"] != entry[name]["psnr"]
+
+    # A linked checkpoint is read as the node reads it: the JSON beside the link, not beside its target.
+    linked = tmp_path / "c" / "supervised-unet.safetensors"
+    linked.parent.mkdir()
+    linked.symlink_to(second)
+    config = json.loads(second.with_suffix(".json").read_text())
+    linked.with_suffix(".json").write_text(json.dumps({**config, "training": {"note": "this link's own"}}))
+    assert weights_digest(linked) != weights_digest(second)
+    assert bench.main([*common, "--model", f"linked={linked}"]) == 0
+    assert (work / f"{weights_digest(linked)}-steps-default" / "tiny-900000-0.5.npz").is_file()
