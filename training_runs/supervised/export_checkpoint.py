@@ -9,9 +9,9 @@ simulator, which no longer exists in this tree: regenerating them would give oth
 state's network and EMA are restored with the training code's own ``load_training_state`` and the EMA
 is saved with ``save_supervised``; the summary is filled from the state's meta and the recorded
 command (training_runs/README.md). Writes ``supervised-unet.safetensors`` + ``.json`` beside the state.
-The state itself was removed once exported; to rerun, restore it first:
-``git show 30d5758:training_runs/supervised/supervised-state.safetensors > training_runs/supervised/supervised-state.safetensors``
-(and the same for ``supervised-state.json``).
+The state itself was removed once exported; to rerun, restore both of its files first, from the
+folder: ``git show 30d5758:./supervised-state.safetensors > supervised-state.safetensors`` (and
+``.json``).
 """
 
 from __future__ import annotations
