@@ -54,19 +54,10 @@ from pynetdicom.sop_class import Verification
 from dicomnode import metrics
 from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, Settings
+from dicomnode.statuses import CANNOT_DECODE, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, Refusal
 from dicomnode.store import InstanceStore, OutOfResources, PutResult
 from dicomnode.tls import handshake, peer_subject, server_context
-from dicomnode.validate import (
-    CANNOT_DECODE,
-    OUT_OF_RESOURCES,
-    PROCESSING_FAILURE,
-    SUCCESS,
-    SUPPORTED_SOP_CLASSES,
-    Refusal,
-    instance_uids,
-    read_received,
-    validate_instance,
-)
+from dicomnode.validate import SUPPORTED_SOP_CLASSES, instance_uids, read_received, validate_instance
 
 __all__ = [
     "ScpContext",

@@ -13,11 +13,9 @@ DIMSE status to answer and the attribute at fault. Statuses (PS3.4 Annex B.2.3, 
 UIDs are checked for syntax too (digits and dots, at most 64 characters): they become file names in
 the spool, so nothing else may pass.
 
-Every element is read once at receive time (:func:`_check_elements`), not only those the node needs:
-pydicom parses lazily, so a value that does not parse (``InstanceNumber = "abc"``, a US element of
-three bytes) or a sequence nested thousands deep would otherwise be acknowledged and only fail, or
-exhaust the stack, later in a job the sender never hears of. Numeric strings (DS, IS) must be finite
-numbers; nesting and the number of elements are bounded.
+Every element is read once at receive time, not only those the node needs
+(:func:`dicomnode.elements.check_elements`): a value that does not parse is refused at receive time
+and not in a job the sender never hears of.
 
 :func:`read_received` reads a received file with PixelData left on disk (its length is checked
 against Rows × Columns × BitsAllocated and against the file's size), so an instance's pixels are
@@ -29,20 +27,19 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import MutableSequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
-from pydicom.valuerep import AMBIGUOUS_VR
 
+from dicomnode.elements import check_elements
 from dicomnode.pet_units import philips_scale_factors
+from dicomnode.statuses import CANNOT_DECODE, CANNOT_UNDERSTAND, DATASET_MISMATCH, Refusal
 
 __all__ = [
     "Refusal",
@@ -51,23 +48,7 @@ __all__ = [
     "validate_instance",
     "instance_uids",
     "SUPPORTED_SOP_CLASSES",
-    "SUCCESS",
-    "OUT_OF_RESOURCES",
-    "DATASET_MISMATCH",
-    "CANNOT_UNDERSTAND",
-    "CANNOT_DECODE",
-    "PROCESSING_FAILURE",
 ]
-
-# C-STORE statuses, PS3.4 Annex B.2.3 (Table B.2-1).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (A7xx)
-DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class (A9xx)
-CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (Cxxx)
-# Two codes of the same Cxxx family, chosen to match pynetdicom's own: the dataset bytes do not
-# decode at all (0xC210), and an unexpected exception in our handler (0xC211).
-CANNOT_DECODE = 0xC210
-PROCESSING_FAILURE = 0xC211
 
 #: SOP class → the Modality its IOD requires (PS3.3 C.8.9.1 PET Series, C.8.2.1 CT Image).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -76,33 +57,9 @@ SUPPORTED_SOP_CLASSES: dict[str, str] = {
 }
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-# Bounds of what a PET or CT image header may hold. Real headers nest sequences 2-5 deep (Siemens,
-# GE and Philips private ones included) and hold a few hundred elements; these bounds are far above
-# that and far below what makes parsing slow or recursive readers overflow.
-MAX_SEQUENCE_DEPTH = 16
-MAX_ELEMENTS = 100_000
 # Values above this size are left on disk when a received file is read (in practice: PixelData).
 _DEFER_BYTES = 64 * 1024
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
-# Sets, not ``tag == _PIXEL_DATA``: BaseTag's __eq__ is Python code, a set lookup compares hashes.
-_PIXEL_DATA_TAGS = frozenset([_PIXEL_DATA])
-_CHARSET_TAGS = frozenset([Tag(0x0008, 0x0005)])
-# VRs whose elements _check_elements converts through ``ds[tag]`` (see there).
-_VIA_GETITEM_VRS = frozenset({"SQ", "UN", *AMBIGUOUS_VR})
-# Binary VRs: opaque bytes, nothing to parse (and reading them would load deferred pixels). Not UN:
-# pydicom converts a UN element of a known tag to the tag's own VR, which can fail like any other.
-_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "OB or OW", "US or OW"}
-
-
-class Refusal(Exception):
-    """The instance is refused: ``status`` to answer, ``attribute`` at fault, ``reason`` for the log."""
-
-    def __init__(self, status: int, attribute: str, reason: str) -> None:
-        super().__init__(f"{attribute}: {reason}")
-        self.status = status
-        self.attribute = attribute
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -190,93 +147,6 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     if not _present(ds, keyword):
         return None
     return str(_value(ds, keyword)).strip()
-
-
-def _attribute(tag: Tag) -> str:
-    """The keyword of a tag, or its (gggg,eeee) form for private and unknown ones (log-safe: no value)."""
-    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
-
-
-@lru_cache(maxsize=4096)
-def _dictionary_vr(tag: int) -> str:
-    # Cached: every instance of a series asks for the same few hundred tags.
-    try:
-        return dictionary_VR(tag)
-    except KeyError:  # private or unknown: pydicom reads it as UN
-        return "UN"
-
-
-def _check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
-    """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
-
-    Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them. Each
-    value is converted by pydicom's own :func:`convert_raw_data_element`, as ``ds[tag]`` would, and
-    the result is kept in ``ds``. Only the plain case is converted here directly (``ds[tag]`` costs
-    about as much again in bookkeeping, and this walk is most of a C-STORE's CPU time); whatever
-    ``ds[tag]`` treats specially goes through ``ds[tag]`` itself: sequences (pydicom hands the pixel
-    representation down to their items), ambiguous and unknown VRs (corrected or looked up from the
-    data set, UN maybe replaced), Specific Character Set (decoded with the default encoding) and
-    values left on disk.
-    """
-    seen = seen if seen is not None else [0]
-    seen[0] += len(ds)
-    if seen[0] > MAX_ELEMENTS:
-        raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
-    encoding: str | MutableSequence[str] | None = None
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag, keep_deferred=True)
-        converted = not isinstance(raw, RawDataElement)
-        vr = raw.VR if converted else (raw.VR or _dictionary_vr(tag))  # implicit VR: the dictionary's
-        if tag in _PIXEL_DATA_TAGS:
-            if vr not in ("OB", "OW", "OB or OW"):
-                raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {vr}, not OB or OW")
-            continue
-        if vr in _BINARY_VRS:
-            continue
-        try:
-            if converted:
-                element = raw
-            elif vr in _VIA_GETITEM_VRS or raw.value is None or tag in _CHARSET_TAGS:
-                element = ds[tag]
-            else:
-                if encoding is None:
-                    encoding = ds.original_character_set or ds._character_set  # as ds[tag] does
-                element = convert_raw_data_element(raw, encoding=encoding, ds=ds)
-                ds[tag] = element
-            value = element.value
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot read
-            raise Refusal(
-                CANNOT_UNDERSTAND, _attribute(tag), f"value does not parse ({type(exc).__name__})"
-            ) from None
-        if element.VR == "SQ":
-            if depth + 1 > MAX_SEQUENCE_DEPTH:
-                raise Refusal(
-                    CANNOT_UNDERSTAND, _attribute(tag), f"sequences nested deeper than {MAX_SEQUENCE_DEPTH}"
-                )
-            for item in value:
-                _check_elements(item, depth=depth + 1, seen=seen)
-        elif element.VR in ("DS", "IS") and value not in (None, ""):
-            items = (
-                value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-            )
-            for item in items:
-                _check_number(item, tag)
-
-
-def _check_number(item: object, tag: Tag) -> None:
-    """A DS or IS value must be a finite decimal number (PS3.5 6.2)."""
-    if isinstance(item, int):  # an IS that parsed: finite
-        return
-    if isinstance(item, float):  # a DS that parsed; "nan"/"inf" parse as floats but are not decimal strings
-        number = item
-    else:
-        # pydicom keeps an invalid DS/IS as its text (with a warning).
-        try:
-            number = float(str(item).strip())
-        except ValueError:
-            raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a number") from None
-    if not math.isfinite(number):
-        raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a finite number")
 
 
 def _check_geometry(ds: Dataset) -> tuple[tuple[float, float, float], tuple[float, ...], tuple[float, float]]:
@@ -433,7 +303,7 @@ def validate_instance(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str)
     Raises :class:`Refusal`; returns the index fields otherwise.
     """
     # First: every value parses, so the checks below read values without surprises.
-    _check_elements(ds)
+    check_elements(ds)
     sop_class = _uid(ds, "SOPClassUID")
     if sop_class != sop_class_uid:
         raise Refusal(

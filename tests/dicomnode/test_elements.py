@@ -1,4 +1,5 @@
-"""The receive-time element walk (dicomnode.validate._check_elements): each value read as pydicom reads it."""
+"""The receive-time element walk (dicomnode.elements.check_elements): each value read as pydicom reads
+it, or passed because the very same value was read before without a refusal."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicomnode import elements
+from dicomnode.elements import ParsedValues, check_elements
+from dicomnode.statuses import CANNOT_UNDERSTAND, Refusal
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
-from dicomnode.validate import CANNOT_UNDERSTAND, Refusal, read_received, validate_instance
+from dicomnode.validate import read_received, validate_instance
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +107,69 @@ def test_a_number_that_does_not_parse_is_refused_wherever_it_is(
                           sop_instance_uid=ds.SOPInstanceUID)
     assert (refused.value.status, refused.value.attribute) == (CANNOT_UNDERSTAND, attribute)
     assert refused.value.reason == reason
+
+
+@pytest.fixture
+def memo(monkeypatch: pytest.MonkeyPatch) -> ParsedValues:
+    """A fresh memo for one test, so that what other tests read does not decide what passes here."""
+    fresh = ParsedValues(limit=1000)
+    monkeypatch.setattr(elements, "_PARSED", fresh)
+    return fresh
+
+
+def _slice_thickness_raw(ds: Dataset) -> bool:
+    return isinstance(ds.get_item(Tag(0x00180050), keep_deferred=True), RawDataElement)
+
+
+def test_a_value_read_before_passes_unconverted_and_reads_as_pydicom_reads_it(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    path = _write(pet, tmp_path / "pet.dcm", ExplicitVRLittleEndian)
+    first, second = read_received(path), read_received(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_elements(first)
+        assert not _slice_thickness_raw(first)  # converted, as ds[tag] converts it
+        check_elements(second)
+    # Passed from the memo and left for pydicom to convert when read, which gives the same value.
+    assert _slice_thickness_raw(second)
+    assert _values(second) == _values(first)
+
+
+def test_a_refused_value_is_never_remembered(pet: Dataset, tmp_path: Path, memo: ParsedValues) -> None:
+    ds = copy.deepcopy(pet)
+    tag = Tag(0x00180050)
+    ds._dict[tag] = RawDataElement(tag, "DS", 4, b"nan ", 0, False, True)
+    path = _write(ds, tmp_path / "bad.dcm", ExplicitVRLittleEndian)
+    for _ in range(2):  # refused again: a value is remembered only once it passed
+        with warnings.catch_warnings(), pytest.raises(Refusal) as refused:
+            warnings.simplefilter("ignore")
+            check_elements(read_received(path))
+        assert refused.value.attribute == "SliceThickness"
+        assert refused.value.reason == "value is not a finite number"
+
+
+def test_a_value_passed_under_other_settings_is_read_again(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    # A Short String too long converts with a warning; where warnings are errors, it does not convert.
+    ds = copy.deepcopy(pet)
+    tag = Tag(0x00081010)  # StationName, SH: at most 16 characters
+    ds._dict[tag] = RawDataElement(tag, "SH", 20, b"S" * 20, 0, False, True)
+    path = _write(ds, tmp_path / "long.dcm", ExplicitVRLittleEndian)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_elements(read_received(path))
+    with warnings.catch_warnings(), pytest.raises(Refusal) as refused:
+        warnings.simplefilter("error")
+        check_elements(read_received(path))
+    assert refused.value.attribute == "StationName"
+
+
+def test_the_memo_forgets_everything_when_full() -> None:
+    memo = ParsedValues(limit=2)
+    memo.add(("a",))
+    memo.add(("b",))
+    assert ("a",) in memo and ("b",) in memo
+    memo.add(("c",))
+    assert ("a",) not in memo and ("c",) in memo

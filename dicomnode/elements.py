@@ -1,0 +1,200 @@
+"""Every element of a received data set parses: the receive-time walk of :mod:`dicomnode.validate`.
+
+Every element is read once at receive time (:func:`check_elements`), not only those the node needs:
+pydicom parses lazily, so a value that does not parse (``InstanceNumber = "abc"``, a US element of
+three bytes) or a sequence nested thousands deep would otherwise be acknowledged and only fail, or
+exhaust the stack, later in a job the sender never hears of. Numeric strings (DS, IS) must be finite
+numbers; nesting and the number of elements are bounded.
+
+Each value is read as ``ds[tag]`` reads it (pydicom's own conversion). A value already read without a
+refusal (:class:`ParsedValues`) passes again without being converted: pydicom's conversion of an
+element depends only on its tag, its VR as encoded, its bytes, their byte order, the character set
+and pydicom's settings, and all of these make up the memo's key (the settings by forgetting
+everything when they change). VRs whose conversion also looks at other elements (SQ, UN, the
+ambiguous ones) are never memoised. So the outcome, refused or not and for which element, is the same
+as converting every element; most of a series' header repeats from instance to instance, and the
+conversions were most of a C-STORE's CPU time.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import MutableSequence
+from functools import lru_cache
+
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.hooks import hooks as pydicom_hooks
+from pydicom.tag import Tag
+from pydicom.valuerep import AMBIGUOUS_VR
+
+from dicomnode.statuses import CANNOT_UNDERSTAND, DATASET_MISMATCH, Refusal
+
+__all__ = ["MAX_ELEMENTS", "MAX_SEQUENCE_DEPTH", "ParsedValues", "check_elements"]
+
+# Bounds of what a PET or CT image header may hold. Real headers nest sequences 2-5 deep (Siemens,
+# GE and Philips private ones included) and hold a few hundred elements; these bounds are far above
+# that and far below what makes parsing slow or recursive readers overflow.
+MAX_SEQUENCE_DEPTH = 16
+MAX_ELEMENTS = 100_000
+# Sets, not ``tag == Tag(...)``: BaseTag's __eq__ is Python code, a set lookup compares hashes.
+_PIXEL_DATA_TAGS = frozenset([Tag(0x7FE0, 0x0010)])
+_CHARSET_TAGS = frozenset([Tag(0x0008, 0x0005)])
+# VRs whose conversion depends on more than the element (other elements of the data set: the pixel
+# representation for ambiguous VRs, the private creator for UN), so a value of them is never memoised.
+_UNMEMOISED_VRS = frozenset({"SQ", "UN", *AMBIGUOUS_VR})
+# Values memoised as parsed (_PARSED): at most this long, at most this many (then forgotten at once).
+_MEMO_MAX_BYTES = 512
+_MEMO_MAX_VALUES = 16384
+# Binary VRs: opaque bytes, nothing to parse (and reading them would load deferred pixels). Not UN:
+# pydicom converts a UN element of a known tag to the tag's own VR, which can fail like any other.
+_BINARY_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "OB or OW", "US or OW"}
+
+
+def _attribute(tag: Tag) -> str:
+    """The keyword of a tag, or its (gggg,eeee) form for private and unknown ones (log-safe: no value)."""
+    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    # Cached: every instance of a series asks for the same few hundred tags.
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown: pydicom reads it as UN
+        return "UN"
+
+
+def _conversion_settings() -> tuple:
+    """Everything besides the element itself that decides whether pydicom converts it or raises."""
+    return (
+        pydicom_config.settings.reading_validation_mode,
+        pydicom_config.convert_wrong_length_to_UN,
+        pydicom_config.replace_un_with_known_vr,
+        pydicom_config.use_DS_decimal,
+        pydicom_config.use_DS_numpy,
+        pydicom_config.use_IS_numpy,
+        pydicom_config.datetime_conversion,
+        pydicom_config.use_none_as_empty_text_VR_value,
+        pydicom_config.data_element_callback,
+        id(pydicom_config.data_element_callback_kwargs),
+        pydicom_hooks.raw_element_vr,
+        pydicom_hooks.raw_element_value,
+        id(pydicom_hooks.raw_element_kwargs),
+        # A warning is an exception under an "error" filter: a new filter list forgets every value.
+        id(warnings.filters),
+        len(warnings.filters),
+    )
+
+
+class ParsedValues:
+    """Element values that converted without a refusal, under the pydicom settings they were read with.
+
+    Keys are (tag, VR as encoded, byte order, implicit VR, character set, bytes): all that pydicom's
+    conversion of an element reads, besides its settings, for the VRs memoised (not SQ, UN and the
+    ambiguous ones, which look at other elements). Thread-safe through the GIL: a set's add and
+    lookup are atomic, and a lost entry only costs a conversion.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._values: set[tuple] = set()
+        self._settings: tuple | None = None
+
+    def check_settings(self) -> None:
+        """Forget every value when pydicom's settings (or the warning filters) changed since."""
+        settings = _conversion_settings()
+        if settings != self._settings:
+            self._values = set()
+            self._settings = settings
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._values
+
+    def add(self, key: tuple) -> None:
+        if len(self._values) >= self._limit:
+            self._values = set()  # simpler than an LRU; the next instances of a series refill it
+        self._values.add(key)
+
+
+_PARSED = ParsedValues(_MEMO_MAX_VALUES)
+
+
+def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
+    """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
+
+    Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them. Every
+    other value is read as ``ds[tag]`` reads it (pydicom's own conversion, the result kept in ``ds``),
+    unless the very same value has been read before without a refusal (:data:`_PARSED`): the same
+    tag, VR, bytes, byte order and character set under the same pydicom settings convert the same
+    way, so such an element passes as it passed then and is left for pydicom to convert when read.
+    Most of a series' header repeats from instance to instance, and this walk was most of a
+    C-STORE's CPU time.
+    """
+    if seen is None:
+        seen = [0]
+        _PARSED.check_settings()
+    seen[0] += len(ds)
+    if seen[0] > MAX_ELEMENTS:
+        raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
+    # What ds[tag] decodes text with; empty for a data set not read from bytes (then nothing is memoised).
+    encoding = ds.original_character_set
+    charset = tuple(encoding) if isinstance(encoding, MutableSequence) else encoding
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        converted = not isinstance(raw, RawDataElement)
+        vr = raw.VR if converted else (raw.VR or _dictionary_vr(tag))  # implicit VR: the dictionary's
+        if tag in _PIXEL_DATA_TAGS:
+            if vr not in ("OB", "OW", "OB or OW"):
+                raise Refusal(DATASET_MISMATCH, "PixelData", f"has VR {vr}, not OB or OW")
+            continue
+        if vr in _BINARY_VRS:
+            continue
+        key = None
+        if not (converted or vr in _UNMEMOISED_VRS or tag in _CHARSET_TAGS or not charset):
+            value = raw.value
+            if value is not None and len(value) <= _MEMO_MAX_BYTES:  # None: left on disk
+                key = (tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, charset, value)
+                if key in _PARSED:
+                    continue
+        try:
+            element = raw if converted else ds[tag]
+            value = element.value
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for values it cannot read
+            raise Refusal(
+                CANNOT_UNDERSTAND, _attribute(tag), f"value does not parse ({type(exc).__name__})"
+            ) from None
+        if element.VR == "SQ":
+            if depth + 1 > MAX_SEQUENCE_DEPTH:
+                raise Refusal(
+                    CANNOT_UNDERSTAND, _attribute(tag), f"sequences nested deeper than {MAX_SEQUENCE_DEPTH}"
+                )
+            for item in value:
+                check_elements(item, depth=depth + 1, seen=seen)
+        elif element.VR in ("DS", "IS") and value not in (None, ""):
+            items = (
+                value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            )
+            for item in items:
+                _check_number(item, tag)
+        if key is not None:
+            _PARSED.add(key)  # only now: this value converted and, if a number, is finite
+
+
+def _check_number(item: object, tag: Tag) -> None:
+    """A DS or IS value must be a finite decimal number (PS3.5 6.2)."""
+    if isinstance(item, int):  # an IS that parsed: finite
+        return
+    if isinstance(item, float):  # a DS that parsed; "nan"/"inf" parse as floats but are not decimal strings
+        number = item
+    else:
+        # pydicom keeps an invalid DS/IS as its text (with a warning).
+        try:
+            number = float(str(item).strip())
+        except ValueError:
+            raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a number") from None
+    if not math.isfinite(number):
+        raise Refusal(CANNOT_UNDERSTAND, _attribute(tag), "value is not a finite number")
