@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +56,16 @@ from dicomnode import metrics
 from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, Settings
 from dicomnode.statuses import CANNOT_DECODE, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, Refusal
-from dicomnode.store import InstanceStore, OutOfResources, PutResult
+from dicomnode.store import InstanceStore, OutOfResources, PutResult, Staged
 from dicomnode.tls import handshake, peer_subject, server_context
-from dicomnode.validate import SUPPORTED_SOP_CLASSES, instance_uids, read_received, validate_instance
+from dicomnode.validate import (
+    SUPPORTED_SOP_CLASSES,
+    InstanceMeta,
+    instance_uids,
+    peek_instance_uids,
+    read_received,
+    validate_instance,
+)
 
 __all__ = [
     "ScpContext",
@@ -300,6 +308,48 @@ def _file_uids(ds: Dataset, sop_class: str, sop_instance: str) -> tuple[str, str
         raise
 
 
+def _validate_and_commit(
+    ctx: ScpContext, staged: Staged, ds: Dataset, request_ids: tuple[str, str, str], *, from_file: bool
+) -> tuple[InstanceMeta, PutResult]:
+    sop_class, sop_instance, calling = request_ids
+    if from_file and not staged.duplicate:
+        ds.filename = str(staged.path)  # values left on disk are read from the file's new name
+    meta = validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+    if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
+        meta = dataclasses.replace(meta, derived_by_us=True)
+    return meta, staged.commit(meta, calling_ae=calling)
+
+
+def _store_named_first(
+    event: evt.Event,
+    ctx: ScpContext,
+    path: Path,
+    guess: tuple[str, str, str],
+    synced: Future[None] | None,
+    request_ids: tuple[str, str, str],
+) -> tuple[InstanceMeta, PutResult] | None:
+    """Name the received file by the UIDs peeked from its first bytes, then read and validate it.
+
+    Its name's directory fsync then overlaps the reading as well as the validation (one wait for the
+    disk on the association's path: the row). The full read confirms the UIDs: the same checks and
+    refusals as in the reference order, and a file whose UIDs differ from the peek's is renamed to
+    its own. None when the store could not name the file (no room, a write error): the caller then
+    reads first, as without a peek, so the answer is the one the reference order gives.
+    """
+    entered = False
+    try:
+        with ctx.store.staging(*guess, path, synced=synced) as staged:
+            entered = True
+            ds, _ = _received(event, path if staged.duplicate else staged.path)
+            study, series, _sop = _file_uids(ds, request_ids[0], request_ids[1])
+            staged.rename(study, series)
+            return _validate_and_commit(ctx, staged, ds, request_ids, from_file=True)
+    except OutOfResources:
+        if entered:
+            raise
+        return None
+
+
 def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -> int:
     calling = stats.calling_ae if stats else ""
     request = event.request
@@ -308,16 +358,16 @@ def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -
     path = _received_path(event)
     # The disk makes the file, then its name, durable while the CPU parses and validates (dicomnode.store).
     synced = ctx.store.begin_sync(path) if path is not None else None
+    request_ids = (sop_class, sop_instance, calling)
     try:
-        ds, source = _received(event, path)
-        uids = _file_uids(ds, sop_class, sop_instance)
-        with ctx.store.staging(*uids, source, synced=synced) as staged:
-            if path is not None and not staged.duplicate:
-                ds.filename = str(staged.path)  # values left on disk are read from the file's new name
-            meta = validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
-            if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
-                meta = dataclasses.replace(meta, derived_by_us=True)
-            result = staged.commit(meta, calling_ae=calling)
+        guess = peek_instance_uids(path, sop_instance) if path is not None else None
+        stored = _store_named_first(event, ctx, path, guess, synced, request_ids) if guess else None
+        if stored is None:  # the reference order: read, check the UIDs, name the file, validate
+            ds, source = _received(event, path)
+            uids = _file_uids(ds, sop_class, sop_instance)
+            with ctx.store.staging(*uids, source, synced=synced) as staged:
+                stored = _validate_and_commit(ctx, staged, ds, request_ids, from_file=path is not None)
+        meta, result = stored
     except Refusal as refusal:
         log.warning(
             "instance refused",

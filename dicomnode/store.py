@@ -8,9 +8,12 @@ re-encoded. The steps:
 
 1. the received file's fsync begins: the SCP starts it (:meth:`InstanceStore.begin_sync`, a helper
    thread) before it parses the file, so the disk works while the CPU does;
-2. as soon as the instance's UIDs are read and checked, the file is renamed to its final name (bytes,
-   or a file on another file system, are written to a temporary file first) and its directory's fsync
-   starts in a helper thread too, while the SCP validates every element (:meth:`InstanceStore.staging`).
+2. as soon as the instance's UIDs are known, the file is renamed to its final name (bytes, or a file on
+   another file system, are written to a temporary file first) and its directory's fsync starts in a
+   helper thread too, while the SCP reads and validates every element (:meth:`InstanceStore.staging`).
+   The SCP takes the UIDs from the file's first bytes (dicomnode.validate.peek_instance_uids), so the
+   directory's fsync overlaps the full read too; should the full read give other UIDs, the file is
+   renamed to them (:meth:`Staged.rename`, under the same SOP Instance UID's lock).
    In both steps the caller goes on only once the helper is inside its fsync (or waits for another
    store's batch): parsing and validating hold the GIL, and a helper that had not reached its fsync
    would otherwise begin only after them (:meth:`InstanceStore._in_helper`).
@@ -54,18 +57,18 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
 
 from dicomnode.db import Database
+from dicomnode.group_commit import GroupRunner
 from dicomnode.validate import InstanceMeta
 
-__all__ = ["GroupRunner", "InstanceStore", "OutOfResources", "PutResult", "Staged", "free_bytes", "fsync_dir"]
+__all__ = ["InstanceStore", "OutOfResources", "PutResult", "Staged", "free_bytes", "fsync_dir"]
 
 log = logging.getLogger("upete.store")
 
@@ -97,68 +100,6 @@ _UID_LOCKS = 64
 _FSYNC_THREADS = 16
 # How long a store waits for a helper to begin its fsync (InstanceStore._in_helper) before it goes on.
 _HELPER_START_WAIT_S = 0.02
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-@dataclass
-class _Slot(Generic[T]):
-    item: T
-    done: bool = False
-    result: Any = None
-    error: BaseException | None = None
-
-
-class GroupRunner(Generic[T, R]):
-    """Group commit without a thread of its own: ``run(item)`` from many threads, one batch at a time.
-
-    The first caller to find no batch running becomes the leader: it takes every item submitted so far
-    and runs ``run_batch`` on all of them (one directory fsync, one SQLite commit for all); callers that
-    arrive meanwhile wait, and the next of them leads the next batch if its item was not in this one.
-    A lone caller runs its own item at once, so one association pays nothing for the grouping. When
-    ``run_batch`` raises, every caller of that batch gets the exception.
-    """
-
-    def __init__(self, run_batch: Callable[[list[T]], Sequence[R]]) -> None:
-        self._run_batch = run_batch
-        self._pending: list[_Slot[T]] = []
-        self._pending_lock = threading.Lock()
-        self._leader = threading.Lock()  # held while a batch runs
-
-    def run(self, item: T, *, waiting: Callable[[], None] | None = None) -> R:
-        """Run ``item`` in a batch; its result (or the batch's exception).
-
-        ``waiting`` is called when this caller must wait for another caller's batch first (see
-        :meth:`InstanceStore._in_helper`: a helper blocked here needs no CPU until that batch ends).
-        """
-        slot = _Slot(item)
-        with self._pending_lock:
-            self._pending.append(slot)
-        if not self._leader.acquire(blocking=False):
-            if waiting is not None:
-                waiting()
-            self._leader.acquire()
-        try:
-            if not slot.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                try:
-                    results = self._run_batch([s.item for s in batch])
-                except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-                    for s in batch:
-                        s.error = exc
-                else:
-                    for s, result in zip(batch, results, strict=True):
-                        s.result = result
-                for s in batch:
-                    s.done = True
-        finally:
-            self._leader.release()
-        if slot.error is not None:
-            raise slot.error
-        return slot.result
-
 
 def free_bytes(path: Path) -> int:
     """Free space of the file system holding ``path`` (a module function so tests can fake a full disk)."""
@@ -227,13 +168,29 @@ class Staged:
         commit_row: Callable[[tuple], int],
         *,
         duplicate: bool = False,
+        rename: Callable[[Path, Path], Future[None]] | None = None,
     ) -> None:
         self.relative = relative
+        self.root = root
         self.path = root / relative  # where the file is now (not for a duplicate: nothing was written)
         self.duplicate = duplicate
         self.committed = False
         self._durable = durable
         self._commit_row = commit_row
+        self._rename = rename
+
+    def rename(self, study_uid: str, series_uid: str) -> None:
+        """Name the file by other Study and Series UIDs (checked ones); the SOP Instance UID stays.
+
+        For a caller that staged the file by UIDs it guessed before reading the instance in full, when
+        the full read gives others (dicomnode.scp). Nothing to do for a duplicate or the same name.
+        Raises :class:`OutOfResources` when the file cannot be renamed; it keeps its old name then.
+        """
+        relative = _relative(study_uid, series_uid, self.relative.stem)
+        if self.duplicate or relative == self.relative or self._rename is None:
+            return
+        self._durable.append(self._rename(self.path, relative))  # the new name's directory fsync
+        self.relative, self.path = relative, self.root / relative
 
     def commit(self, meta: InstanceMeta, *, calling_ae: str = "") -> PutResult:
         """Wait until the file and its name are durable, then commit the row; the answer to give.
@@ -393,17 +350,32 @@ class InstanceStore:
                 file_synced = self._place(source, final, sop_uid, synced)
             except OSError as exc:
                 raise _write_error(exc) from exc
-            name_synced = self._in_helper(
-                lambda ready: self._directory_sync.run(_DirectorySync(final.parent, ready), waiting=ready)
+            staged = Staged(
+                self.root, relative, [file_synced, self._sync_name(final)], self._row_commit.run,
+                rename=self._rename_staged,
             )
-            staged = Staged(self.root, relative, [file_synced, name_synced], self._row_commit.run)
             try:
                 yield staged
             finally:
                 if not staged.committed:
                     # No row names the file and no other store of this UID runs (the UID lock).
                     staged.wait_quietly()
-                    final.unlink(missing_ok=True)
+                    staged.path.unlink(missing_ok=True)
+
+    def _sync_name(self, final: Path) -> Future[None]:
+        """Fsync ``final``'s directory in a helper (shared with concurrent stores into it)."""
+        return self._in_helper(
+            lambda ready: self._directory_sync.run(_DirectorySync(final.parent, ready), waiting=ready)
+        )
+
+    def _rename_staged(self, current: Path, relative: Path) -> Future[None]:
+        final = self.root / relative
+        try:
+            _makedirs_durable(final.parent, self.root)
+            os.replace(current, final)
+        except OSError as exc:
+            raise _write_error(exc) from exc
+        return self._sync_name(final)
 
     def _check_free_space(self, source: bytes | Path) -> None:
         try:

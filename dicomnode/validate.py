@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "read_received",
     "validate_instance",
     "instance_uids",
+    "peek_instance_uids",
     "SUPPORTED_SOP_CLASSES",
 ]
 
@@ -60,6 +62,14 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Values above this size are left on disk when a received file is read (in practice: PixelData).
 _DEFER_BYTES = 64 * 1024
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
+# peek_instance_uids: how much of a file it reads, the syntaxes it reads (implicit and explicit VR
+# little endian; others are read in full first), and the explicit VRs with a 4-byte length.
+_PEEK_BYTES = 16 * 1024
+_PEEK_SYNTAXES = frozenset({b"1.2.840.10008.1.2", b"1.2.840.10008.1.2.1"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_PEEK_DEPTH = 8  # sequences nested deeper before (0020,000E): read in full first
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,95 @@ def _pixel_data_length(ds: Dataset) -> int:
     if value is not None and not isinstance(value, bytes):
         raise Refusal(DATASET_MISMATCH, "PixelData", "is not a byte string")
     return len(value) if value else 0
+
+
+def peek_instance_uids(path: str | os.PathLike[str], sop_instance_uid: str) -> tuple[str, str, str] | None:
+    """Study and Series Instance UID from the first bytes of a received file, and the SOP Instance UID.
+
+    A guess, cheap enough to name the file by before it is read (dicomnode.scp: its directory's fsync
+    then overlaps the reading and validating): the elements before (0020,000E) are skipped by their
+    lengths, nothing is converted. The caller confirms the guess with :func:`instance_uids` once the
+    file is read. ``sop_instance_uid`` is the C-STORE request's (the data set's must equal it). None
+    when the file is not simple enough to guess (not explicit or implicit VR little endian, the UIDs
+    not within the first :data:`_PEEK_BYTES`) or a UID is not valid.
+    """
+    if len(sop_instance_uid) > 64 or not _UID.match(sop_instance_uid):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_PEEK_BYTES)
+        found = _peek(data)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return None  # whatever is wrong with the file, the full read says it
+    if found is None:
+        return None
+    study, series = found
+    return (study, series, sop_instance_uid) if all(len(u) <= 64 and _UID.match(u) for u in found) else None
+
+
+def _peek(data: bytes) -> tuple[str, str] | None:
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":  # (0002,0000) group length
+        return None
+    start = 144 + struct.unpack_from("<I", data, 140)[0]  # the data set begins after group 0002
+    meta = data[144:start]
+    at = meta.find(b"\x02\x00\x10\x00UI")  # (0002,0010) TransferSyntaxUID
+    if at < 0:
+        return None
+    syntax = meta[at + 8 : at + 8 + struct.unpack_from("<H", meta, at + 6)[0]].rstrip(b"\0 ")
+    if syntax not in _PEEK_SYNTAXES:
+        return None
+    uids: dict[int, str] = {}
+    _peek_elements(data, start, len(data), syntax == b"1.2.840.10008.1.2", uids, depth=0)
+    study, series = uids.get(0x0020000D), uids.get(0x0020000E)
+    return (study, series) if study and series else None
+
+
+def _peek_elements(
+    data: bytes, at: int, end: int, implicit: bool, uids: dict[int, str], *, depth: int
+) -> int:
+    """Skip elements from ``at``; at the top level keep the two UIDs, stopping past (0020,000E).
+
+    Returns where it stopped: ``end``, or just past an item or sequence delimiter (nested levels).
+    """
+    if depth > _PEEK_DEPTH:
+        raise ValueError("sequences nested too deep to skip")
+    top = depth == 0
+    while at + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, at)
+        tag = group << 16 | element
+        if top and tag > 0x0020000E:
+            return at
+        if tag in (0xFFFEE00D, 0xFFFEE0DD):  # item / sequence delimitation: the end of this level
+            return at + 8
+        if implicit:
+            vr, length, at = b"", struct.unpack_from("<I", data, at + 4)[0], at + 8
+        else:
+            vr = data[at + 4 : at + 6]
+            if vr in _LONG_VRS:
+                length, at = struct.unpack_from("<I", data, at + 8)[0], at + 12
+            else:
+                length, at = struct.unpack_from("<H", data, at + 6)[0], at + 8
+        if length == 0xFFFFFFFF:  # a sequence of undefined length: its items, to its delimiter
+            at = _peek_items(data, at, end, implicit, depth + 1)
+            continue
+        if top and tag in (0x0020000D, 0x0020000E):
+            uids[tag] = data[at : at + length].decode("ascii").rstrip("\0 ").strip()
+        at += length
+    if top:
+        raise ValueError("the UIDs are not within the bytes read")
+    return at
+
+
+def _peek_items(data: bytes, at: int, end: int, implicit: bool, depth: int) -> int:
+    while at + 8 <= end:
+        tag, length = struct.unpack_from("<II", data, at)
+        at += 8
+        if tag == 0xE0DDFFFE:  # sequence delimitation item
+            return at
+        if tag != 0xE000FFFE:
+            raise ValueError("not an item")
+        at = _peek_elements(data, at, end, implicit, {}, depth=depth) if length == 0xFFFFFFFF else at + length
+    raise ValueError("the sequence does not end within the bytes read")
 
 
 def read_received(path: str | os.PathLike[str]) -> Dataset:

@@ -26,6 +26,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicomnode import scp
 from dicomnode.audit import AuditLog
 from dicomnode.config import AccessSettings, CallerSettings, parse_settings
 from dicomnode.db import DB_FILENAME, Database
@@ -226,6 +227,24 @@ def test_an_unexpected_error_gives_a_failure_status_and_the_association_goes_on(
         assert assoc.is_established
     finally:
         assoc.release()
+
+
+def test_a_wrong_peek_is_corrected_by_the_full_read(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The UIDs peeked from the first bytes only name the file early; the full read decides.
+    monkeypatch.setattr(scp, "peek_instance_uids", lambda path, sop: ("9.9", "9.9.9", sop))
+    ds = dcmread(_pet_files(tmp_path / "in")[0])
+    assoc = server.associate([(PET, [ExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(ds).Status == 0
+    finally:
+        assoc.release()
+    [row] = server.db.query("SELECT study_uid, series_uid, path FROM instances")
+    assert (row["study_uid"], row["series_uid"]) == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    stored = [p.relative_to(tmp_path / "spool").as_posix() for p in (tmp_path / "spool").rglob("*.dcm")]
+    assert stored == [row["path"]]
+    assert dcmread(tmp_path / "spool" / row["path"]).SOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_our_own_output_is_stored_but_flagged(server: Server, tmp_path: Path) -> None:

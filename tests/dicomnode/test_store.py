@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode import store as store_module
 from dicomnode.db import DB_FILENAME, Database
-from dicomnode.store import GroupRunner, InstanceStore, OutOfResources, PutResult
+from dicomnode.store import InstanceStore, OutOfResources, PutResult
 from dicomnode.validate import InstanceMeta
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
@@ -233,65 +234,6 @@ def test_concurrent_stores_of_many_instances_are_all_stored(store: InstanceStore
     assert len(store.db.query("SELECT * FROM instances")) == 40
 
 
-def test_group_runner_runs_what_waits_in_one_batch() -> None:
-    batches: list[list[int]] = []
-    first_started, release = threading.Event(), threading.Event()
-
-    def run_batch(items: list[int]) -> list[int]:
-        batches.append(items)
-        if items == [0]:
-            first_started.set()
-            release.wait(5)
-        return [item * 10 for item in items]
-
-    group: GroupRunner[int, int] = GroupRunner(run_batch)
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(group.run, 0)
-        assert first_started.wait(5)
-        others = [pool.submit(group.run, item) for item in (1, 2, 3)]
-        while len(group._pending) < 3:  # all three queued behind the running batch
-            time.sleep(0.01)
-        release.set()
-        assert first.result() == 0
-        assert [f.result() for f in others] == [10, 20, 30]
-    assert batches == [[0], [1, 2, 3]]
-
-
-def test_group_runner_gives_the_error_to_every_caller_of_the_batch() -> None:
-    def run_batch(items: list[int]) -> list[int]:
-        raise OSError(errno.EIO, "I/O error")
-
-    group: GroupRunner[int, int] = GroupRunner(run_batch)
-    with pytest.raises(OSError, match="I/O error"):
-        group.run(1)
-    with pytest.raises(OSError, match="I/O error"):
-        group.run(2)
-
-
-def test_group_runner_tells_a_caller_that_waits_for_another_batch() -> None:
-    running, release = threading.Event(), threading.Event()
-    waited: list[int] = []
-
-    def run_batch(items: list[int]) -> list[int]:
-        if items == [0]:
-            running.set()
-            release.wait(5)
-        return items
-
-    group: GroupRunner[int, int] = GroupRunner(run_batch)
-    assert group.run(7, waiting=lambda: waited.append(7)) == 7
-    assert waited == []  # a lone caller runs its batch at once
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(group.run, 0)
-        assert running.wait(5)
-        second = pool.submit(group.run, 1, waiting=lambda: waited.append(1))
-        while not waited:
-            time.sleep(0.01)
-        release.set()
-        assert (first.result(), second.result()) == (0, 1)
-    assert waited == [1]
-
-
 def test_the_fsyncs_are_under_way_before_the_caller_validates(
     store: InstanceStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -367,3 +309,34 @@ def test_staging_an_indexed_instance_writes_nothing(store: InstanceStore) -> Non
         assert staged.duplicate
         assert staged.commit(meta()) is PutResult.DUPLICATE
     assert (store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm").read_bytes() == b"first"
+
+
+def test_a_staged_file_renamed_to_other_uids_is_committed_under_them(
+    store: InstanceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced_directories = []
+    real_fsync_dir = store_module.fsync_dir
+    monkeypatch.setattr(store_module, "fsync_dir", lambda path, ready=None: (
+        synced_directories.append(path), real_fsync_dir(path, ready)))
+    with store.staging("9.9", "9.9.9", "1.2.3.4.5", b"DICOM file") as staged:  # a wrong guess
+        staged.rename(STUDY, SERIES)  # what the full read said
+        assert staged.commit(meta()) is PutResult.STORED
+    assert _files(store.root) == [store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"]
+    assert store.root / "instances" / STUDY / SERIES in synced_directories  # the new name is durable
+    assert store.db.query("SELECT path FROM instances")[0][0] == f"instances/{STUDY}/{SERIES}/1.2.3.4.5.dcm"
+
+
+def test_a_renamed_staged_file_refused_afterwards_leaves_no_file(store: InstanceStore) -> None:
+    staging = store.staging("9.9", "9.9.9", "1.2.3.4.5", b"x")
+    with pytest.raises(RuntimeError, match="refused"), staging as staged:
+        staged.rename(STUDY, SERIES)
+        raise RuntimeError("refused")
+    assert _files(store.root) == []
+
+
+def test_renaming_a_duplicate_writes_nothing(store: InstanceStore) -> None:
+    assert store.put(meta(), b"first") is PutResult.STORED
+    with store.staging("9.9", "9.9.9", "1.2.3.4.5", b"second") as staged:
+        staged.rename(STUDY, SERIES)
+        assert staged.commit(meta()) is PutResult.DUPLICATE
+    assert _files(store.root) == [store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"]
