@@ -159,6 +159,11 @@ class Database:
                 raise
             self._conn.execute("COMMIT")
 
+    def changes(self) -> int:
+        """Rows inserted, updated or deleted through this connection since it opened (every write of
+        this process: SQLite's total_changes; a rolled-back change still counts). No lock, no I/O."""
+        return self._conn.total_changes
+
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         """A read outside any transaction (sees the last committed state)."""
         with self._lock:

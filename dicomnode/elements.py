@@ -28,12 +28,14 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.hooks import hooks as pydicom_hooks
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicomnode.statuses import CANNOT_UNDERSTAND, DATASET_MISMATCH, Refusal
 
-__all__ = ["MAX_ELEMENTS", "MAX_SEQUENCE_DEPTH", "ParsedValues", "check_elements"]
+__all__ = [
+    "MAX_ELEMENTS", "MAX_SEQUENCE_DEPTH", "ParsedValues", "check_elements", "check_settings", "value_of",
+]
 
 # Bounds of what a PET or CT image header may hold. Real headers nest sequences 2-5 deep (Siemens,
 # GE and Philips private ones included) and hold a few hundred elements; these bounds are far above
@@ -95,32 +97,80 @@ class ParsedValues:
 
     Keys are (tag, VR as encoded, byte order, implicit VR, character set, bytes): all that pydicom's
     conversion of an element reads, besides its settings, for the VRs memoised (not SQ, UN and the
-    ambiguous ones, which look at other elements). Thread-safe through the GIL: a set's add and
-    lookup are atomic, and a lost entry only costs a conversion.
+    ambiguous ones, which look at other elements). Each maps to the value pydicom made of it when that
+    value cannot change (a string, a number: :func:`value_of` hands it to every data set with the same
+    bytes), else to :data:`MISSING`. Thread-safe through the GIL: a dict's get and set are atomic, and
+    a lost entry only costs a conversion.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._values: set[tuple] = set()
+        self._values: dict[tuple, object] = {}
         self._settings: tuple | None = None
 
     def check_settings(self) -> None:
         """Forget every value when pydicom's settings (or the warning filters) changed since."""
         settings = _conversion_settings()
         if settings != self._settings:
-            self._values = set()
+            self._values = {}
             self._settings = settings
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._values
 
-    def add(self, key: tuple) -> None:
+    def get(self, key: tuple) -> object:
+        """The value remembered for ``key``, or :data:`MISSING`."""
+        return self._values.get(key, MISSING)
+
+    def add(self, key: tuple, value: object = None) -> None:
         if len(self._values) >= self._limit:
-            self._values = set()  # simpler than an LRU; the next instances of a series refill it
-        self._values.add(key)
+            self._values = {}  # simpler than an LRU; the next instances of a series refill it
+        # A list (MultiValue) or an object could be changed by a reader: only its verdict is kept.
+        self._values[key] = value if value is None or isinstance(value, _IMMUTABLE) else MISSING
 
 
+MISSING = object()  # ParsedValues.get: nothing remembered
+_IMMUTABLE = (str, int, float, bytes)  # and their subclasses: pydicom's UID, DSfloat, IS
 _PARSED = ParsedValues(_MEMO_MAX_VALUES)
+
+
+def _memo_key(tag: BaseTag, raw: RawDataElement, vr: str, charset: object) -> tuple | None:
+    """The memo's key for a raw element of VR ``vr`` (the dictionary's, for implicit VR), or None."""
+    if vr in _UNMEMOISED_VRS or tag in _CHARSET_TAGS or not charset:
+        return None
+    value = raw.value
+    if value is None or len(value) > _MEMO_MAX_BYTES:  # None: left on disk
+        return None
+    return (tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, charset, value)
+
+
+def _charset(ds: Dataset) -> object:
+    # What ds[tag] decodes text with; empty for a data set not read from bytes (then nothing is memoised).
+    encoding = ds.original_character_set
+    return tuple(encoding) if isinstance(encoding, MutableSequence) else encoding
+
+
+def value_of(ds: Dataset, tag: BaseTag) -> object:
+    """``ds[tag].value`` (None when absent), remembered when the very same value was converted before.
+
+    For reading only: a remembered value is shared by the data sets that hold the same bytes. Call
+    after :func:`check_elements` (or :meth:`ParsedValues.check_settings`) of this data set.
+    """
+    raw = ds.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return None
+    if isinstance(raw, RawDataElement):
+        key = _memo_key(tag, raw, raw.VR or _dictionary_vr(tag), _charset(ds))
+        if key is not None:
+            value = _PARSED.get(key)
+            if value is not MISSING:
+                return value
+    return ds[tag].value
+
+
+def check_settings() -> None:
+    """What :func:`value_of` remembers is forgotten if pydicom's settings changed (see ParsedValues)."""
+    _PARSED.check_settings()
 
 
 def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
@@ -140,9 +190,7 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
     seen[0] += len(ds)
     if seen[0] > MAX_ELEMENTS:
         raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
-    # What ds[tag] decodes text with; empty for a data set not read from bytes (then nothing is memoised).
-    encoding = ds.original_character_set
-    charset = tuple(encoding) if isinstance(encoding, MutableSequence) else encoding
+    charset = _charset(ds)
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         converted = not isinstance(raw, RawDataElement)
@@ -153,13 +201,9 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
             continue
         if vr in _BINARY_VRS:
             continue
-        key = None
-        if not (converted or vr in _UNMEMOISED_VRS or tag in _CHARSET_TAGS or not charset):
-            value = raw.value
-            if value is not None and len(value) <= _MEMO_MAX_BYTES:  # None: left on disk
-                key = (tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, charset, value)
-                if key in _PARSED:
-                    continue
+        key = None if converted else _memo_key(tag, raw, vr, charset)
+        if key is not None and key in _PARSED:
+            continue
         try:
             element = raw if converted else ds[tag]
             value = element.value
@@ -181,7 +225,7 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
             for item in items:
                 _check_number(item, tag)
         if key is not None:
-            _PARSED.add(key)  # only now: this value converted and, if a number, is finite
+            _PARSED.add(key, value)  # only now: this value converted and, if a number, is finite
 
 
 def _check_number(item: object, tag: Tag) -> None:

@@ -124,14 +124,38 @@ class ScpContext:
     store: InstanceStore
     audit: AuditLog
     # Our own output coming back (loop guard): series UIDs this node planned, and derivation tags.
+    # is_our_series answers from the node database alone (JobQueue.is_our_series; see our_series).
     is_our_series: Callable[[str], bool] = lambda _uid: False
     is_derived_by_us: Callable[[Dataset], bool] = lambda _ds: False
     _stats: dict[int, _AssociationStats] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Loop-guard answers by series UID, valid while store.other_changes() stays what it was then.
+    _verdicts: tuple[int, dict[str, bool]] = (-1, {})
 
     def stats(self, assoc: object) -> _AssociationStats | None:
         with self._lock:
             return self._stats.get(id(assoc))
+
+    def our_series(self, series_uid: str) -> bool:
+        """:attr:`is_our_series`, asked once per series while the database changes only by instance rows.
+
+        Every instance of a series asked the database the same question (a query, and a thread switch
+        while SQLite ran). A job planning a series, a removal or any other write of this process
+        changes :meth:`InstanceStore.other_changes`, which drops every answer; an answer is kept only
+        when nothing changed while it was asked. So an answer is never older than the last write that
+        could change it (job plans are written by this process only).
+        """
+        changes = self.store.other_changes()
+        known_at, verdicts = self._verdicts
+        if known_at != changes:
+            verdicts = {}
+            self._verdicts = (changes, verdicts)
+        verdict = verdicts.get(series_uid)
+        if verdict is None:
+            verdict = self.is_our_series(series_uid)
+            if self.store.other_changes() == changes:
+                verdicts[series_uid] = verdict
+        return verdict
 
 
 def check_caller(
@@ -315,7 +339,7 @@ def _validate_and_commit(
     if from_file and not staged.duplicate:
         ds.filename = str(staged.path)  # values left on disk are read from the file's new name
     meta = validate_instance(ds, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
-    if ctx.is_our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
+    if ctx.our_series(meta.series_uid) or ctx.is_derived_by_us(ds):
         meta = dataclasses.replace(meta, derived_by_us=True)
     return meta, staged.commit(meta, calling_ae=calling)
 

@@ -252,6 +252,7 @@ class InstanceStore:
         self._file_syncs = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="upete-fsync")
         self._directory_sync: GroupRunner[_DirectorySync, None] = GroupRunner(_fsync_dirs)
         self._row_commit: GroupRunner[tuple, int] = GroupRunner(self._insert_rows)
+        self._own_changes = 0  # instance rows inserted by _insert_rows (other_changes)
 
     def remove_stale_temp_files(self) -> int:
         """Delete temp files a killed process left (never acknowledged); returns how many. Call at start."""
@@ -419,7 +420,18 @@ class InstanceStore:
     def _insert_rows(self, rows: list[tuple]) -> list[int]:
         """One transaction for every row of the batch: one WAL fsync (synchronous=FULL) for all."""
         with self.db.transaction() as conn:
-            return [conn.execute(_INSERT, row).rowcount for row in rows]
+            inserted = [conn.execute(_INSERT, row).rowcount for row in rows]
+            self._own_changes += sum(inserted)  # under the database's lock, after the rows (other_changes)
+            return inserted
+
+    def other_changes(self) -> int:
+        """A count that grows with every row this process changes in the database, except the instance
+        rows this store inserts: while it stays the same, no job, series decision or removal happened.
+
+        Read without a lock: during a commit of this store it may read too high for a moment, never
+        too low, so a cache keyed by it is at worst dropped for nothing (dicomnode.scp's loop guard).
+        """
+        return self.db.changes() - self._own_changes
 
     def paths(self, sop_uids: Iterable[str]) -> dict[str, Path]:
         """Absolute file paths of indexed instances, by SOP Instance UID (unknown UIDs are left out)."""

@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage
 
-from dicomnode.elements import check_elements
+from dicomnode.elements import check_elements, check_settings, value_of
 from dicomnode.pet_units import philips_scale_factors
 from dicomnode.statuses import CANNOT_DECODE, CANNOT_UNDERSTAND, DATASET_MISMATCH, Refusal
 
@@ -101,9 +101,8 @@ def _tag(keyword: str) -> BaseTag:
 
 
 def _value(ds: Dataset, keyword: str) -> object:
-    """The value of ``keyword`` in ``ds``, or None when the element is absent."""
-    tag = _tag(keyword)
-    return ds[tag].value if tag in ds else None
+    """The value of ``keyword`` in ``ds``, or None when the element is absent (read only)."""
+    return value_of(ds, _tag(keyword))
 
 
 def _present(ds: Dataset, keyword: str) -> bool:
@@ -380,6 +379,7 @@ def instance_uids(ds: Dataset, *, sop_instance_uid: str) -> tuple[str, str, str]
     The store names an instance's file by them while the rest is validated (dicomnode.store), so they
     are read first: digits and dots only, and the SOP Instance UID the C-STORE request announced.
     """
+    check_settings()  # read before the element walk, which checks them otherwise
     try:
         keys = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
         study, series, sop = (_uid(ds, key) for key in keys)

@@ -17,7 +17,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode import elements
-from dicomnode.elements import ParsedValues, check_elements
+from dicomnode.elements import ParsedValues, check_elements, value_of
 from dicomnode.statuses import CANNOT_UNDERSTAND, Refusal
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
 from dicomnode.validate import read_received, validate_instance
@@ -121,9 +121,8 @@ def _slice_thickness_raw(ds: Dataset) -> bool:
     return isinstance(ds.get_item(Tag(0x00180050), keep_deferred=True), RawDataElement)
 
 
-def test_a_value_read_before_passes_unconverted_and_reads_as_pydicom_reads_it(
-    pet: Dataset, tmp_path: Path, memo: ParsedValues
-) -> None:
+def _walked_twice(pet: Dataset, tmp_path: Path) -> tuple[Dataset, Dataset]:
+    """The same file read twice, each walked: the second walk finds every value in the memo."""
     path = _write(pet, tmp_path / "pet.dcm", ExplicitVRLittleEndian)
     first, second = read_received(path), read_received(path)
     with warnings.catch_warnings():
@@ -131,6 +130,13 @@ def test_a_value_read_before_passes_unconverted_and_reads_as_pydicom_reads_it(
         check_elements(first)
         assert not _slice_thickness_raw(first)  # converted, as ds[tag] converts it
         check_elements(second)
+    return first, second
+
+
+def test_a_value_read_before_passes_unconverted_and_reads_as_pydicom_reads_it(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    first, second = _walked_twice(pet, tmp_path)
     # Passed from the memo and left for pydicom to convert when read, which gives the same value.
     assert _slice_thickness_raw(second)
     assert _values(second) == _values(first)
@@ -173,3 +179,15 @@ def test_the_memo_forgets_everything_when_full() -> None:
     assert ("a",) in memo and ("b",) in memo
     memo.add(("c",))
     assert ("a",) not in memo and ("c",) in memo
+
+
+def test_values_read_again_are_remembered_only_when_they_cannot_change(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    first, second = _walked_twice(pet, tmp_path)
+    modality, orientation = Tag(0x00080060), Tag(0x00200037)
+    assert value_of(second, modality) == "PT" and value_of(second, modality) is value_of(first, modality)
+    # A list is read afresh for each data set: a reader changing one cannot change another's.
+    assert value_of(second, orientation) == first[orientation].value
+    assert value_of(second, orientation) is not first[orientation].value
+    assert value_of(second, Tag(0x00091099)) is None  # absent

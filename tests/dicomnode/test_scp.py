@@ -34,6 +34,7 @@ from dicomnode.scp import ScpContext, accepted_transfer_syntaxes, check_caller, 
 from dicomnode.store import InstanceStore
 from dicomnode.testing.peers import free_port, wait_for
 from dicomnode.testing.scanner import StudyInfo, write_pet_series
+from dicomnode.validate import InstanceMeta
 
 PET = PositronEmissionTomographyImageStorage
 
@@ -245,6 +246,32 @@ def test_a_wrong_peek_is_corrected_by_the_full_read(
     stored = [p.relative_to(tmp_path / "spool").as_posix() for p in (tmp_path / "spool").rglob("*.dcm")]
     assert stored == [row["path"]]
     assert dcmread(tmp_path / "spool" / row["path"]).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_the_loop_guard_asks_once_per_series_until_the_database_changes_otherwise(tmp_path: Path) -> None:
+    asked: list[str] = []
+    planned: set[str] = set()
+    db, audit = Database(tmp_path / DB_FILENAME), AuditLog(tmp_path / "audit.log")
+    try:
+        store = InstanceStore(tmp_path / "spool", db)
+        ctx = ScpContext(parse_settings({}), store, audit,
+                         is_our_series=lambda uid: asked.append(uid) or uid in planned)
+        assert not ctx.our_series("1.2.3") and not ctx.our_series("1.2.3")
+        assert asked == ["1.2.3"]
+        meta = InstanceMeta(sop_uid="1.2.3.4.5", study_uid="1.2", series_uid="1.2.3", sop_class_uid=PET,
+                            modality="PT", frame_of_reference_uid="1.2.9", position_mm=(0.0, 0.0, 0.0),
+                            orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), rows=8, columns=8,
+                            pixel_spacing_mm=(4.0, 4.0))
+        store.put(meta, b"DICM")  # instance rows leave the answers as they were
+        assert not ctx.our_series("1.2.3") and asked == ["1.2.3"]
+        planned.add("1.2.3")  # a job plans the series as its output: a write of this process
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO series_state (series_uid, study_uid, state, updated_at) "
+                         "VALUES ('9.9', '9', 'job', 0)")
+        assert ctx.our_series("1.2.3") and asked == ["1.2.3", "1.2.3"]
+    finally:
+        audit.close()
+        db.close()
 
 
 def test_our_own_output_is_stored_but_flagged(server: Server, tmp_path: Path) -> None:

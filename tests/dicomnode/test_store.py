@@ -340,3 +340,14 @@ def test_renaming_a_duplicate_writes_nothing(store: InstanceStore) -> None:
         staged.rename(STUDY, SERIES)
         assert staged.commit(meta()) is PutResult.DUPLICATE
     assert _files(store.root) == [store.root / "instances" / STUDY / SERIES / "1.2.3.4.5.dcm"]
+
+
+def test_other_changes_count_every_write_but_the_instance_rows(store: InstanceStore) -> None:
+    before = store.other_changes()
+    assert store.put(meta(), b"x") is PutResult.STORED
+    assert store.put(meta(), b"x") is PutResult.DUPLICATE
+    assert store.other_changes() == before
+    with store.db.transaction() as conn:
+        conn.execute("INSERT INTO series_state (series_uid, study_uid, state, updated_at) "
+                     "VALUES ('9', '9', 'job', 0)")
+    assert store.other_changes() == before + 1
