@@ -50,6 +50,10 @@ _CHARSET_TAGS = frozenset([Tag(0x0008, 0x0005)])
 _UNMEMOISED_VRS = frozenset({"SQ", "UN", *AMBIGUOUS_VR})
 # Values memoised as parsed (_PARSED): at most this long, at most this many (then forgotten at once).
 _MEMO_MAX_BYTES = 512
+_MEMO_MAX_SEQUENCE_BYTES = 8192
+# VRs whose conversion reads other elements than the element itself, possibly outside its item: a
+# sequence holding one is never memoised as a whole.
+_LOOKS_OUTSIDE_VRS = frozenset({"UN", *AMBIGUOUS_VR})
 _MEMO_MAX_VALUES = 16384
 # Binary VRs: opaque bytes, nothing to parse (and reading them would load deferred pixels). Not UN:
 # pydicom converts a UN element of a known tag to the tag's own VR, which can fail like any other.
@@ -86,9 +90,8 @@ def _conversion_settings() -> tuple:
         pydicom_hooks.raw_element_vr,
         pydicom_hooks.raw_element_value,
         id(pydicom_hooks.raw_element_kwargs),
-        # A warning is an exception under an "error" filter: a new filter list forgets every value.
-        id(warnings.filters),
-        len(warnings.filters),
+        # A warning is an exception under an "error" filter: other filters forget every value.
+        tuple(warnings.filters),
     )
 
 
@@ -122,6 +125,11 @@ class ParsedValues:
         """The value remembered for ``key``, or :data:`MISSING`."""
         return self._values.get(key, MISSING)
 
+    def add_sequence(self, key: tuple, elements: int, depth: int) -> None:
+        """A sequence that passed: its items held ``elements`` elements, nested ``depth`` deep."""
+        self.add(key)
+        self._values[key] = (elements, depth)  # a tuple of ints cannot change
+
     def add(self, key: tuple, value: object = None) -> None:
         if len(self._values) >= self._limit:
             self._values = {}  # simpler than an LRU; the next instances of a series refill it
@@ -142,6 +150,14 @@ def _memo_key(tag: BaseTag, raw: RawDataElement, vr: str, charset: object) -> tu
     if value is None or len(value) > _MEMO_MAX_BYTES:  # None: left on disk
         return None
     return (tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, charset, value)
+
+
+def _sequence_key(tag: BaseTag, raw: RawDataElement, vr: str, charset: object) -> tuple | None:
+    """The memo's key for a sequence not yet parsed (its items' bytes), or None."""
+    value = raw.value
+    if not charset or not isinstance(value, bytes) or len(value) > _MEMO_MAX_SEQUENCE_BYTES:
+        return None
+    return ("SQ", tag, raw.VR, raw.is_little_endian, raw.is_implicit_VR, charset, value)
 
 
 def _charset(ds: Dataset) -> object:
@@ -173,7 +189,7 @@ def check_settings() -> None:
     _PARSED.check_settings()
 
 
-def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None) -> None:
+def check_elements(ds: Dataset) -> None:
     """Parse every element of ``ds`` (recursively) once; refuse what does not parse or is absurdly big.
 
     Binary values (pixel data, private blobs) are not opened: there is nothing to parse in them. Every
@@ -181,16 +197,22 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
     unless the very same value has been read before without a refusal (:data:`_PARSED`): the same
     tag, VR, bytes, byte order and character set under the same pydicom settings convert the same
     way, so such an element passes as it passed then and is left for pydicom to convert when read.
-    Most of a series' header repeats from instance to instance, and this walk was most of a
-    C-STORE's CPU time.
+    The same holds for a whole sequence whose items hold no element that looks outside them (an
+    ambiguous or UN VR): it passes with the element count and nesting depth its items had, if the
+    bounds allow them here. Most of a series' header repeats from instance to instance, and this walk
+    was most of a C-STORE's CPU time.
     """
-    if seen is None:
-        seen = [0]
-        _PARSED.check_settings()
+    _PARSED.check_settings()
+    _walk(ds, 0, [0])
+
+
+def _walk(ds: Dataset, depth: int, seen: list[int]) -> tuple[int, bool]:
+    """Check ``ds`` at nesting ``depth``; (the deepest item depth below it, no element looked outside)."""
     seen[0] += len(ds)
     if seen[0] > MAX_ELEMENTS:
         raise Refusal(CANNOT_UNDERSTAND, "(dataset)", f"holds more than {MAX_ELEMENTS} elements")
     charset = _charset(ds)
+    deepest, clean = depth, True
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         converted = not isinstance(raw, RawDataElement)
@@ -201,9 +223,18 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
             continue
         if vr in _BINARY_VRS:
             continue
-        key = None if converted else _memo_key(tag, raw, vr, charset)
-        if key is not None and key in _PARSED:
+        clean = clean and vr not in _LOOKS_OUTSIDE_VRS
+        key = None if converted else (_sequence_key if vr == "SQ" else _memo_key)(tag, raw, vr, charset)
+        if key is not None and vr != "SQ" and key in _PARSED:
             continue
+        if key is not None and vr == "SQ":
+            known = _PARSED.get(key)
+            if known is not MISSING:  # (the elements of its items, the depth of its deepest items)
+                count, below = known
+                if seen[0] + count <= MAX_ELEMENTS and depth + below <= MAX_SEQUENCE_DEPTH:
+                    seen[0] += count
+                    deepest = max(deepest, depth + below)
+                    continue  # else walked, to refuse it as the walk does
         try:
             element = raw if converted else ds[tag]
             value = element.value
@@ -216,9 +247,15 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
                 raise Refusal(
                     CANNOT_UNDERSTAND, _attribute(tag), f"sequences nested deeper than {MAX_SEQUENCE_DEPTH}"
                 )
+            before, below, inside_clean = seen[0], 1, True
             for item in value:
-                check_elements(item, depth=depth + 1, seen=seen)
-        elif element.VR in ("DS", "IS") and value not in (None, ""):
+                item_deepest, item_clean = _walk(item, depth + 1, seen)
+                below, inside_clean = max(below, item_deepest - depth), inside_clean and item_clean
+            deepest, clean = max(deepest, depth + below), clean and inside_clean
+            if key is not None and inside_clean:
+                _PARSED.add_sequence(key, seen[0] - before, below)
+            continue
+        if element.VR in ("DS", "IS") and value not in (None, ""):
             items = (
                 value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
             )
@@ -226,6 +263,7 @@ def check_elements(ds: Dataset, *, depth: int = 0, seen: list[int] | None = None
                 _check_number(item, tag)
         if key is not None:
             _PARSED.add(key, value)  # only now: this value converted and, if a number, is finite
+    return deepest, clean
 
 
 def _check_number(item: object, tag: Tag) -> None:

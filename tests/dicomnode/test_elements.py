@@ -191,3 +191,56 @@ def test_values_read_again_are_remembered_only_when_they_cannot_change(
     assert value_of(second, orientation) == first[orientation].value
     assert value_of(second, orientation) is not first[orientation].value
     assert value_of(second, Tag(0x00091099)) is None  # absent
+
+
+def _nested(depth: int, innermost: Dataset) -> Dataset:
+    """``innermost`` as the item of ``depth`` nested Source Image Sequences."""
+    ds = innermost
+    for _ in range(depth):
+        outer = Dataset()
+        outer.SourceImageSequence = Sequence([ds])
+        ds = outer
+    return ds
+
+
+def _outcome(path: Path) -> tuple[str, str] | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_elements(read_received(path))
+    except Refusal as refusal:
+        return refusal.attribute, refusal.reason
+    return None
+
+
+def test_a_sequence_read_before_passes_unparsed_only_where_its_depth_passes(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    inner = Dataset()
+    inner.SliceThickness = "2.5"
+    # Four deep below its element; at the top it passes, below 13 more levels it is too deep.
+    shallow, deep = copy.deepcopy(pet), copy.deepcopy(pet)
+    shallow.ReferencedImageSequence = Sequence([_nested(3, inner)])
+    deep.ReferencedImageSequence = Sequence([_nested(13, _nested(1, copy.deepcopy(shallow)[0x00081140][0]))])
+    shallow_path = _write(shallow, tmp_path / "shallow.dcm", ExplicitVRLittleEndian)
+    deep_path = _write(deep, tmp_path / "deep.dcm", ExplicitVRLittleEndian)
+    cold = _outcome(deep_path)
+    assert cold is not None and "nested deeper" in cold[1]
+    memo.check_settings()
+    assert _outcome(shallow_path) is None and _outcome(shallow_path) is None
+    assert isinstance(read_received(shallow_path).get_item(Tag(0x00081140)), RawDataElement)
+    assert _outcome(deep_path) == cold  # the same refusal as without the memo
+
+
+def test_a_sequence_with_a_value_that_reads_outside_its_items_is_walked_each_time(
+    pet: Dataset, tmp_path: Path, memo: ParsedValues
+) -> None:
+    # In implicit VR, SmallestImagePixelValue is US or SS, decided by the Pixel Representation of the
+    # data set (in explicit VR its VR is written, and the sequence may be remembered).
+    path = _write(pet, tmp_path / "pet.dcm", ImplicitVRLittleEndian)
+    for _ in range(2):
+        ds = read_received(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_elements(ds)
+        assert not isinstance(ds.get_item(Tag(0x00082112)), RawDataElement)  # SourceImageSequence parsed
