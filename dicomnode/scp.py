@@ -29,7 +29,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -349,7 +348,6 @@ def _store_named_first(
     ctx: ScpContext,
     path: Path,
     guess: tuple[str, str, str],
-    synced: Future[None] | None,
     request_ids: tuple[str, str, str],
 ) -> tuple[InstanceMeta, PutResult] | None:
     """Name the received file by the UIDs peeked from its first bytes, then read and validate it.
@@ -362,7 +360,7 @@ def _store_named_first(
     """
     entered = False
     try:
-        with ctx.store.staging(*guess, path, synced=synced) as staged:
+        with ctx.store.staging(*guess, path) as staged:
             entered = True
             ds, _ = _received(event, path if staged.duplicate else staged.path)
             study, series, _sop = _file_uids(ds, request_ids[0], request_ids[1])
@@ -380,12 +378,13 @@ def _store(event: evt.Event, ctx: ScpContext, stats: _AssociationStats | None) -
     sop_class, sop_instance = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
     fields: dict[str, object] = {"calling_ae": calling, "sop_uid": sop_instance}
     path = _received_path(event)
-    # The disk makes the file, then its name, durable while the CPU parses and validates (dicomnode.store).
-    synced = ctx.store.begin_sync(path) if path is not None else None
     request_ids = (sop_class, sop_instance, calling)
     try:
+        # The disk makes the file and its name durable while the CPU reads and validates (dicomnode.store):
+        # named first when its UIDs can be peeked (both fsyncs then start together), else fsynced first.
         guess = peek_instance_uids(path, sop_instance) if path is not None else None
-        stored = _store_named_first(event, ctx, path, guess, synced, request_ids) if guess else None
+        stored = _store_named_first(event, ctx, path, guess, request_ids) if guess else None
+        synced = ctx.store.begin_sync(path) if stored is None and path is not None else None
         if stored is None:  # the reference order: read, check the UIDs, name the file, validate
             ds, source = _received(event, path)
             uids = _file_uids(ds, sop_class, sop_instance)

@@ -6,37 +6,37 @@ on disk, the row written only once the bytes and the name were. The SCP hands ov
 streamed the data set into (in ``<root>/tmp``), so an instance is never held whole in memory and never
 re-encoded. The steps:
 
-1. the received file's fsync begins: the SCP starts it (:meth:`InstanceStore.begin_sync`, a helper
-   thread) before it parses the file, so the disk works while the CPU does;
-2. as soon as the instance's UIDs are known, the file is renamed to its final name (bytes, or a file on
-   another file system, are written to a temporary file first) and its directory's fsync starts in a
-   helper thread too, while the SCP reads and validates every element (:meth:`InstanceStore.staging`).
-   The SCP takes the UIDs from the file's first bytes (dicomnode.validate.peek_instance_uids), so the
-   directory's fsync overlaps the full read too; should the full read give other UIDs, the file is
-   renamed to them (:meth:`Staged.rename`, under the same SOP Instance UID's lock).
-   In both steps the caller goes on only once the helper is inside its fsync (or waits for another
-   store's batch): parsing and validating hold the GIL, and a helper that had not reached its fsync
-   would otherwise begin only after them (:meth:`InstanceStore._in_helper`).
-   A refused instance's file is removed again. Concurrent stores into one directory share one
-   directory fsync (:class:`GroupRunner`);
+1. the received file gets its final name as soon as the instance's UIDs are known, and the fsyncs of
+   its bytes and of its directory start in helper threads, while the SCP reads and validates every
+   element (:meth:`InstanceStore.staging`). The SCP takes the UIDs from the file's first bytes
+   (dicomnode.validate.peek_instance_uids) and renames the file again should the full read give others
+   (:meth:`Staged.rename`, under the same SOP Instance UID's lock); a file it cannot peek it fsyncs
+   first (:meth:`InstanceStore.begin_sync`) and names once read. Renamed before either fsync, the
+   bytes and the name can share one journal commit (ext4: the row's commit then waited about half as
+   long, benchmarks/results/receive.md). Bytes, or a file on another file system, are written to a
+   temporary file first;
+2. the caller goes on only once each helper is inside its fsync (or waits for another store's batch):
+   reading and validating hold the GIL, and a helper that had not reached its fsync would otherwise
+   begin only after them (:meth:`InstanceStore._in_helpers`). A refused instance's file is removed
+   again. Concurrent stores into one directory share one directory fsync (:class:`GroupRunner`);
 3. once the instance is valid and both fsyncs have returned, its row is inserted: the rows of
    concurrent associations are committed together, one SQLite transaction and one WAL fsync for all of
    them (group commit, :class:`GroupRunner`).
 
 One association thus waits for the disk about once per instance (the row's commit): the file's and the
-directory's fsyncs overlap the parsing and validation, instead of file, directory and row in a row. The
+directory's fsyncs overlap the reading and validation, instead of file, directory and row in a row. The
 commit stays ``synchronous=FULL``. With ``NORMAL`` the row would not be durable at Success and would
 have to be rebuilt from the file after a power cut, but the row holds what the file does not (the
 calling AE title, whether the series is this node's own output, which guards against enhancing it
 again), and finding row-less files means walking the whole spool at every start.
 
 Renaming before the file's fsync has returned, and before the instance is validated, is safe because a
-name means nothing without a row: a power cut in step 2 can leave a complete, partial or invalid file
-under its final name with no row. Nothing
-reads such a file (every reader goes through the index); the sender, never acknowledged, sends the
-instance again, and the new copy replaces it. What must never happen is that a rename replaces the
-file of an *indexed* instance: stores of one SOP Instance UID are therefore serialised (a lock per UID
-hash) and an indexed UID is answered as stored without writing anything (idempotent).
+name means nothing without a row: a power cut before step 3 can leave a complete, partial or invalid
+file under its final name with no row. Nothing reads such a file (every reader goes through the
+index); the sender, never acknowledged, sends the instance again, and the new copy replaces it. What
+must never happen is that a rename replaces the file of an *indexed* instance: stores of one SOP
+Instance UID are therefore serialised (a lock per UID hash) and an indexed UID is answered as stored
+without writing anything (idempotent).
 
 A crash between any two steps thus leaves either nothing the index knows about (a stray temp file,
 removed at the next start; or a file without a row, replaced when the instance is sent again) or a
@@ -98,6 +98,8 @@ _UID_LOCKS = 64
 # validates them: two per association storing at that moment; beyond that, fsyncs queue (still correct,
 # a little later).
 _FSYNC_THREADS = 16
+# A helper's job: an fsync that calls its argument (ready) just before it waits for the disk.
+Job = Callable[[Callable[[], None]], None]
 # How long a store waits for a helper to begin its fsync (InstanceStore._in_helper) before it goes on.
 _HELPER_START_WAIT_S = 0.02
 
@@ -290,17 +292,26 @@ class InstanceStore:
         (5 ms) later: the fsync ran after the validation instead of during it. The wait is bounded (all
         helpers busy: the fsync then runs later, which is still correct).
         """
-        started = threading.Event()
+        return self._in_helpers([job])[0]
 
-        def run() -> None:
-            try:
-                job(started.set)
-            finally:
-                started.set()  # also when the job failed before its fsync: never leave the caller waiting
+    def _in_helpers(self, jobs: list[Job]) -> list[Future[None]]:
+        """:meth:`_in_helper` for several jobs at once: one wait until each is inside its fsync."""
+        futures, events = [], []
+        for job in jobs:
+            started = threading.Event()
 
-        future = self._file_syncs.submit(run)
-        started.wait(_HELPER_START_WAIT_S)
-        return future
+            def run(job: Job = job, started: threading.Event = started) -> None:
+                try:
+                    job(started.set)
+                finally:
+                    started.set()  # also when the job failed before its fsync: never leave the caller waiting
+
+            futures.append(self._file_syncs.submit(run))
+            events.append(started)
+        deadline = time.monotonic() + _HELPER_START_WAIT_S
+        for started in events:
+            started.wait(max(0.0, deadline - time.monotonic()))
+        return futures
 
     def put(
         self,
@@ -351,10 +362,12 @@ class InstanceStore:
                 file_synced = self._place(source, final, sop_uid, synced)
             except OSError as exc:
                 raise _write_error(exc) from exc
-            staged = Staged(
-                self.root, relative, [file_synced, self._sync_name(final)], self._row_commit.run,
-                rename=self._rename_staged,
-            )
+            # The bytes' fsync (unless under way) and the name's start together: one wait for both.
+            jobs: list[Job] = [self._name_job(final)]
+            if file_synced is None:
+                jobs.append(lambda ready: _fsync(final, ready=ready))
+            durable = self._in_helpers(jobs) + ([file_synced] if file_synced else [])
+            staged = Staged(self.root, relative, durable, self._row_commit.run, rename=self._rename_staged)
             try:
                 yield staged
             finally:
@@ -363,11 +376,9 @@ class InstanceStore:
                     staged.wait_quietly()
                     staged.path.unlink(missing_ok=True)
 
-    def _sync_name(self, final: Path) -> Future[None]:
-        """Fsync ``final``'s directory in a helper (shared with concurrent stores into it)."""
-        return self._in_helper(
-            lambda ready: self._directory_sync.run(_DirectorySync(final.parent, ready), waiting=ready)
-        )
+    def _name_job(self, final: Path) -> Job:
+        """The fsync of ``final``'s directory, for a helper (shared with concurrent stores into it)."""
+        return lambda ready: self._directory_sync.run(_DirectorySync(final.parent, ready), waiting=ready)
 
     def _rename_staged(self, current: Path, relative: Path) -> Future[None]:
         final = self.root / relative
@@ -376,7 +387,7 @@ class InstanceStore:
             os.replace(current, final)
         except OSError as exc:
             raise _write_error(exc) from exc
-        return self._sync_name(final)
+        return self._in_helper(self._name_job(final))
 
     def _check_free_space(self, source: bytes | Path) -> None:
         try:
@@ -390,18 +401,16 @@ class InstanceStore:
 
     def _place(
         self, source: bytes | Path, final: Path, sop_uid: str, synced: Future[None] | None
-    ) -> Future[None]:
-        """Give the instance its final name; returns the fsync of its bytes, which may still run.
+    ) -> Future[None] | None:
+        """Give the instance its final name; returns ``synced``, the fsync of its bytes under way, if any.
 
-        A received file is renamed (its fsync is ``synced``, begun before it was validated); bytes, or a
-        file on another file system, are written to a temporary file first.
+        A received file is renamed (its fsync is ``synced``, when begun before it was read); bytes, or a
+        file on another file system, are written to a temporary file first. None: the caller fsyncs.
         """
         if not isinstance(source, bytes):
             try:
                 os.replace(source, final)
-                if synced is not None:
-                    return synced
-                return self._in_helper(lambda ready: _fsync(final, ready=ready))
+                return synced
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -415,7 +424,7 @@ class InstanceStore:
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        return self._in_helper(lambda ready: _fsync(final, ready=ready))
+        return None
 
     def _insert_rows(self, rows: list[tuple]) -> list[int]:
         """One transaction for every row of the batch: one WAL fsync (synchronous=FULL) for all."""
