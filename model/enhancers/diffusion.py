@@ -26,6 +26,7 @@ from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 from model.enhancers.precision import autocast, resolve_precision
 from model.enhancers.quantitation import preserve_local_mean
+from model.enhancers.significance import restore_significant
 from model.enhancers.tiling import CTAir, body_mask, run_tiled, tile_stride
 from model.grid import AIR_HU, ModelGrid
 from model.networks.checkpoint import load_checkpoint, weights_digest
@@ -79,6 +80,9 @@ class DiffusionEnhancer(Enhancer):
                    if config.sampler.local_mean_fwhm_mm > 0 else "")
                 + (f", decoder detail restored at {config.sampler.decoder_detail_fwhm_mm:g} mm"
                    if config.sampler.decoder_detail_fwhm_mm > 0 else "")
+                + (f", LPET differences beyond {config.sampler.significance_threshold:g} σ kept at "
+                   f"{config.sampler.significance_fwhm_mm:g} mm"
+                   if config.sampler.significance_fwhm_mm > 0 else "")
             ),
             uses_ct=variant.uses_ct,
             requires_ct=variant.uses_ct,
@@ -276,10 +280,16 @@ class DiffusionEnhancer(Enhancer):
         started = time.perf_counter()
         out_iso = out_norm * scale + offset  # the exact inverse of the normalisation above
         del out_norm
-        if self.config.sampler.local_mean_fwhm_mm > 0:
+        sampler, spacing = self.config.sampler, (self.config.spacing_mm,) * 3
+        if sampler.local_mean_fwhm_mm > 0:
             out_iso = preserve_local_mean(
-                out_iso, pet_iso, fwhm_mm=self.config.sampler.local_mean_fwhm_mm,
-                spacing_mm=(self.config.spacing_mm,) * 3,
+                out_iso, pet_iso, fwhm_mm=sampler.local_mean_fwhm_mm, spacing_mm=spacing
+            )
+        if sampler.significance_fwhm_mm > 0:  # after the local mean: it works at a finer scale
+            out_iso = restore_significant(
+                out_iso, pet_iso, fwhm_mm=sampler.significance_fwhm_mm,
+                threshold=sampler.significance_threshold, window_fwhm_mm=sampler.significance_window_mm,
+                spacing_mm=spacing,
             )
         started = self._timed("normalise", started)
 

@@ -71,6 +71,12 @@ class SamplerConfig:
     # fully from decoder_detail_doses[1] up (model/enhancers/detail.py); 0: off.
     decoder_detail_fwhm_mm: float = 0.0
     decoder_detail_doses: tuple[float, float] = (0.18, 0.35)
+    # > 0: where the LPET, smoothed by a Gaussian of this FWHM, differs from the output smoothed alike by
+    # more than significance_threshold local RMS (over significance_window_mm), the difference is put
+    # back: a small lesion the denoiser flattened (model/enhancers/significance.py); 0: off.
+    significance_fwhm_mm: float = 0.0
+    significance_threshold: float = 4.0
+    significance_window_mm: float = 40.0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -84,6 +90,13 @@ class SamplerConfig:
         low, high = self.decoder_detail_doses
         if not 0 < low < high <= 1:
             raise ValueError(f"decoder_detail_doses must be 0 < low < high ≤ 1, found {low}, {high}")
+        if self.significance_fwhm_mm < 0:
+            raise ValueError(f"significance_fwhm_mm must be ≥ 0, found {self.significance_fwhm_mm}")
+        if self.significance_threshold <= 1 or self.significance_window_mm <= 0:
+            raise ValueError(
+                f"significance_threshold ({self.significance_threshold}) must be above 1 and "
+                f"significance_window_mm ({self.significance_window_mm}) positive"
+            )
         if self.tile_batch < 1 or self.renoise_ratio < 0:
             raise ValueError(
                 f"tile_batch ({self.tile_batch}) must be ≥ 1 and renoise_ratio ({self.renoise_ratio}) ≥ 0"

@@ -39,7 +39,12 @@ def test_the_crop_leaves_the_bodys_output_as_it_was(tmp_path, spacing: tuple[flo
     assert cropped_tiles < whole_tiles  # the crop took effect
     body = ct > -900.0
     span = float(whole.max() - whole.min())
-    assert float(np.abs(cropped - whole)[body].max()) <= 1e-5 * span
+    # Float rounding only: the untrained toy's output nears zero in places, where the local-mean step's
+    # ratio (floored at 1e-3 of its largest local mean) magnifies a rounding difference of the filters
+    # near the crop's edge into ~3e-4 of that voxel's value on some CPUs; a misplaced crop or tile would
+    # be off by its whole value.
+    error = np.abs(cropped - whole)[body]
+    assert float(np.max(error - 1e-3 * np.abs(whole[body]))) <= 1e-5 * span
     # Far from the body, beyond any margin, the output is the input: what a tile of air keeps.
     np.testing.assert_array_equal(cropped[:, :, -4:], pet[:, :, -4:])
 

@@ -197,3 +197,24 @@ def test_decoder_detail_is_put_back_for_a_clean_lpet_only(tmp_path, monkeypatch:
     body = pet > 0.2 * pet.max()
     plain_error = np.abs(outputs["plain"] - pet)[body].mean()
     assert np.abs(outputs["detail"] - pet)[body].mean() < 0.5 * plain_error
+
+
+def test_significance_setting_puts_back_a_lesion_the_model_flattened(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy import ndimage
+
+    from model.networks.upete_model import SamplerConfig
+
+    path = tiny_checkpoint(tmp_path, "ldm-p", sampler=SamplerConfig(steps=2, significance_fwhm_mm=5.0))
+    enhancer = _load(path)
+    assert "LPET differences beyond 4 σ kept at 5 mm" in enhancer.info.description
+    pet = np.full((24, 48, 48), 1000.0, dtype=np.float32)
+    pet[10:14, 22:26, 22:26] = 5000.0  # a lesion of 8 mm, 5× its background, in a noiseless LPET
+    flattening = lambda x, *_: ndimage.median_filter(x, size=9)  # noqa: E731 - a "model" that erases it
+    monkeypatch.setattr(enhancer, "_run_tiles", flattening)
+    out = enhancer.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    lesion = pet > 2000
+    assert flattening(pet)[lesion].max() < 1500  # the model lost it (a median filter commutes with scale)
+    assert out[lesion].max() > 3000  # it came back (as seen at 5 mm)
+    assert np.abs(out - pet)[~ndimage.binary_dilation(lesion, iterations=6)].max() < 1.0  # nothing else moved

@@ -145,3 +145,18 @@ def test_the_decoder_detail_setting_round_trips_and_is_checked() -> None:
                          ({"decoder_detail_fwhm_mm": -1.0}, "must be ≥ 0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_json({**document, "sampler": {**document["sampler"], **bad}})
+
+
+def test_the_significance_setting_round_trips_and_is_checked() -> None:
+    document = tiny_config("ldm-p").to_json()
+    sampler = {**document["sampler"], "significance_fwhm_mm": 5.0, "significance_threshold": 3.5}
+    config = ModelConfig.from_json({**document, "sampler": sampler})
+    assert config.sampler.significance_fwhm_mm == 5.0 and config.sampler.significance_threshold == 3.5
+    assert ModelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    old = {k: v for k, v in document["sampler"].items() if not k.startswith("significance")}
+    assert ModelConfig.from_json({**document, "sampler": old}).sampler.significance_fwhm_mm == 0.0  # off
+    for bad, message in (({"significance_fwhm_mm": -1.0}, "must be ≥ 0"),
+                         ({"significance_threshold": 1.0}, "above 1"),
+                         ({"significance_window_mm": 0.0}, "positive")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_json({**document, "sampler": {**document["sampler"], **bad}})
