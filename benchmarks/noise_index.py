@@ -31,8 +31,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -172,7 +173,29 @@ class Placement:
         return self.config.schedule.dose_at(t)
 
 
-def validation_volumes(doses: list[float], random_styles: int):  # noqa: ANN202 - a generator of tuples
+class ValidationVolume(NamedTuple):
+    """One validation LPET on the model grid, with what it is scored against (Bq/ml, model grid)."""
+
+    style: str
+    seed: int
+    dose: float
+    lpet: np.ndarray
+    clean: np.ndarray  # the style's noiseless image: the expectation through its grid and back
+    lesion_labels: np.ndarray
+
+
+def validation_volumes(
+    doses: list[float],
+    random_styles: int,
+    *,
+    cases: tuple[str, ...] = VAL_CASES,
+    insert_lesions: bool = False,
+) -> Iterator[ValidationVolume]:
+    """Each validation case through each named style (and ``random_styles`` drawn ones) at each dose.
+
+    ``insert_lesions``: 10–14 mm lesions are added to each case's expectation first
+    (:func:`model.evaluation.lesion_insertion.insert_lesions`, drawn from the case's seed).
+    """
     import torch
 
     from model.physics import ScannerModel, inject_dose_noise
@@ -184,10 +207,10 @@ def validation_volumes(doses: list[float], random_styles: int):  # noqa: ANN202 
     for k in range(random_styles):
         style = draw_style(rng)
         styles[f"random {k + 1}: {style.name}"] = style
-    for case_dir in VAL_CASES:
+    for case_dir in cases:
         case = dataset.load_case(ROOT / case_dir)
         scanner = ScannerModel(**case.meta["scanner"])
-        expectation = case.expectation_bqml
+        expectation, lesion_labels = _expectation(case, insert_lesions)
         for s, (name, style) in enumerate(styles.items()):
             native = to_native(expectation, 2.0, style)
             clean = to_model_grid(native, expectation.shape, 2.0, style)
@@ -207,13 +230,29 @@ def validation_volumes(doses: list[float], random_styles: int):  # noqa: ANN202 
                     slice_thickness_mm=style.slice_mm,
                     generator=gen,
                 ).numpy()
-                yield (
-                    name,
-                    case.meta["seed"],
-                    dose,
-                    to_model_grid(noisy, expectation.shape, 2.0, style),
-                    clean,
-                )
+                lpet = to_model_grid(noisy, expectation.shape, 2.0, style)
+                yield ValidationVolume(name, case.meta["seed"], dose, lpet, clean, lesion_labels)
+
+
+def _expectation(case: Any, insert_lesions: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The case's expectation and lesion labels, with inserted lesions when asked for."""
+    if not insert_lesions:
+        return case.expectation_bqml, case.lesion_labels
+    from model.evaluation.lesion_insertion import insert_lesions as insert
+
+    resolution = math.hypot(case.meta["scanner"]["resolution_fwhm_mm"], case.recon.postfilter_fwhm_mm)
+    expectation, labels, _ = insert(
+        case.expectation_bqml,
+        case.organ_labels,
+        case.lesion_labels,
+        organs={int(k): v for k, v in case.meta["organs"].items()},
+        organ_suv=case.meta["organ_suv"],
+        bqml_per_suv=case.meta["bqml_per_suv"],
+        spacing_mm=2.0,
+        resolution_fwhm_mm=resolution,
+        rng=np.random.default_rng([int(case.meta["seed"]), 7]),
+    )
+    return expectation, labels
 
 
 def _transfer_volumes(doses: list[float], seed: int):  # noqa: ANN202 - a generator of tuples
@@ -230,12 +269,13 @@ def _transfer_volumes(doses: list[float], seed: int):  # noqa: ANN202 - a genera
                 dose,
                 resample_isotropic(case.lpet[dose], case.pet_spacing_mm, 2.0),
                 expectation,
+                None,  # lesions are not scored here
             )
 
 
 def _score(volumes, models: dict[str, Placement], reference: str) -> list[dict[str, Any]]:  # noqa: ANN001
     rows = []
-    for style, seed, dose, lpet, expectation in volumes:
+    for style, seed, dose, lpet, expectation, _labels in volumes:
         ref = models[reference]
         right, variance = ref.right_t(lpet, expectation)
         scaled = lpet / ref.config.normalisation.scale_bqml

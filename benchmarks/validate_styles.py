@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/validate_styles.py --model NAME=CKPT [--model ...] [--dose 0.1]
 
-The validation phantoms (seeds 100000–100001, ``data/quality/val``, made by ``benchmarks/quality.py``) are
-shown through the named scanner styles of ``benchmarks/noise_index.py`` (each LPET made on the style's
-native grid by the training simulator and resampled onto the model grid as the node does), dose unknown
-to the model. Per style and case: PSNR against the noiseless expectation in the body and the mean lesion
-SUVmax bias (lesions of ≥ 10 mm equivalent diameter) of each checkpoint. The transfer set is never used
-here: this is where a calibration, a sampler setting or a fine-tune is chosen.
+The validation phantoms (``--cases``, seeds 100000+, ``data/quality/val``, made by ``benchmarks/quality.py``)
+are shown through the named scanner styles of ``benchmarks/noise_index.py`` (each LPET made on the
+style's native grid by the training simulator and resampled onto the model grid as the node does), dose
+unknown to the model. ``--insert-lesions`` first adds eight lesions of 10–14 mm to each case
+(``model/evaluation/lesion_insertion.py``): the small lesions a denoiser flattens first, which the
+phantoms' own lesions (4–30 mm) rarely are. Per style and case: PSNR against the style's noiseless image
+(the expectation through the style's grid and back, as the transfer set scores) in the body, and the
+lesion SUVmax bias (lesions of ≥ 10 mm equivalent diameter) of each checkpoint and of the rival, the
+best Gaussian (FWHM chosen per style-case with the truth in hand, 0–12 mm). The transfer set is never
+used here: this is where a calibration, a sampler setting or a fine-tune is chosen.
 
 Writes benchmarks/results/validate_styles.md and .json (command, machine, load, date).
 """
@@ -44,26 +48,81 @@ def _parser() -> argparse.ArgumentParser:
         help="a checkpoint to score (repeatable)",
     )
     p.add_argument("--dose", type=float, default=0.1, help="dose fraction (default 0.1)")
+    p.add_argument("--cases", default="100000,100001", help="validation seeds (default 100000,100001)")
+    p.add_argument(
+        "--insert-lesions", action="store_true", help="add eight 10–14 mm lesions to each case first"
+    )
+    p.add_argument(
+        "--significance",
+        default="",
+        metavar="FWHM:SD,...",
+        help="also score each model's output with the significance step at these settings (mm : σ, a "
+        "window of 40 mm), applied to the output as the node does (model/enhancers/significance.py)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "data" / "validate_styles",
+        help="model outputs kept here by model version and volume, and reused (default data/validate_styles)",
+    )
     p.add_argument(
         "--out", type=Path, default=RESULTS / "validate_styles", help="results path without suffix"
     )
     return p
 
 
+GAUSSIAN_FWHM_GRID_MM = tuple(float(f) for f in range(13))  # the rival's grid, as the transfer set's
+
+
 def _score(x: np.ndarray, truth: np.ndarray, body: np.ndarray, lesion_labels: np.ndarray) -> dict[str, Any]:
-    """PSNR against ``truth`` in ``body`` (peak: its maximum there) and the mean lesion SUVmax bias of
-    lesions ≥ 10 mm (None without one; biases are relative, so the SUV scale cancels)."""
+    """PSNR against ``truth`` in ``body`` (peak: its maximum there) and the SUVmax biases of the lesions
+    ≥ 10 mm, each and their mean (None without one; biases are relative, so the SUV scale cancels)."""
     from model.evaluation.metrics import lesion_suv_bias, psnr
 
     lesions = [
-        b
+        b.suvmax_bias
         for b in lesion_suv_bias(x, truth, lesion_labels, weight_kg=70.0, injected_bq=3e8)
         if b.n_voxels >= MIN_LESION_VOXELS
     ]
     return {
         "psnr": psnr(x, truth, data_range=float(truth[body].max()), mask=body),
-        "suvmax_bias": float(np.mean([b.suvmax_bias for b in lesions])) if lesions else None,
+        "suvmax_bias": float(np.mean(lesions)) if lesions else None,
+        "lesions": lesions,
     }
+
+
+def _best_gaussian(
+    lpet: np.ndarray, truth: np.ndarray, body: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    """The rival: the LPET smoothed by the Gaussian (0–12 mm FWHM) with the best PSNR against ``truth``."""
+    from model.evaluation.transfer import gaussian_fwhm
+
+    scored = [
+        {**_score(gaussian_fwhm(lpet, f, (2.0, 2.0, 2.0)) if f else lpet, truth, body, labels), "fwhm_mm": f}
+        for f in GAUSSIAN_FWHM_GRID_MM
+    ]
+    return max(scored, key=lambda r: r["psnr"])
+
+
+def _volume_key(v: Any, inserted: bool) -> str:
+    """The file name of one validation volume's model output: seed, style, dose, lesions."""
+    style = "".join(c if c.isalnum() else "_" for c in v.style)
+    return f"{v.seed}_{style}_{v.dose:g}_{'inserted' if inserted else 'own'}.npy"
+
+
+def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per method: mean PSNR, mean and worst lesion SUVmax bias over every lesion, lesions counted."""
+    out = {}
+    for n in names:
+        lesions = [b for r in rows for b in r[n]["lesions"]]
+        out[n] = {
+            "psnr": float(np.mean([r[n]["psnr"] for r in rows])),
+            "suvmax_bias": float(np.mean(lesions)) if lesions else None,
+            "worst_suvmax_bias": float(np.min(lesions)) if lesions else None,
+            "lesions_below_minus_15": int(sum(b < -0.15 for b in lesions)),
+            "lesions": len(lesions),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.noise_index import validation_volumes
     from model.enhancers.diffusion import load_diffusion_enhancer
     from model.enhancers.options import InferenceOptions
+    from model.enhancers.significance import restore_significant
     from model.evaluation.machine import machine_description
     from model.evaluation.report import result_paths
     from model.simulation import dataset
@@ -79,31 +139,55 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(v, 2) for v in os.getloadavg()]
     specs = [m.split("=", 1) for m in args.model]
     enhancers = {name: load_diffusion_enhancer(path, InferenceOptions(device="cpu")) for name, path in specs}
+    seeds = [int(s) for s in args.cases.split(",") if s.strip()]
+    # The step runs after the model; scored here on the model's output (the node applies it before its
+    # non-negativity clip, on the model grid, which these volumes are on: the same up to negative voxels).
+    scan = {
+        f"+ significance {f}:{sd}": (float(f), float(sd))
+        for f, sd in (item.split(":") for item in args.significance.split(",") if item.strip())
+    }
+    case_dirs = tuple(f"data/quality/val/case_{s}" for s in seeds)
     rows: list[dict[str, Any]] = []
-    cases: dict[int, Any] = {}
-    for style, seed, _dose, lpet, _clean in validation_volumes([args.dose], 0):
-        if seed not in cases:  # each phantom read once (setdefault would read it for every style)
-            cases[seed] = dataset.load_case(ROOT / f"data/quality/val/case_{seed}")
-        case = cases[seed]
-        truth, labels = case.expectation_bqml, case.lesion_labels
+    cts: dict[int, np.ndarray] = {}
+    reused = 0
+    for v in validation_volumes([args.dose], 0, cases=case_dirs, insert_lesions=args.insert_lesions):
+        if v.seed not in cts:  # each phantom's CT read once
+            cts[v.seed] = dataset.load_case(ROOT / f"data/quality/val/case_{v.seed}").ct_hu
+        truth, labels = v.clean, v.lesion_labels
         body = truth > 0.1 * np.percentile(truth, 99)
-        row = {"style": style, "seed": int(seed), "LPET": _score(lpet, truth, body, labels)}
+        row = {
+            "style": v.style,
+            "seed": int(v.seed),
+            "LPET": _score(v.lpet, truth, body, labels),
+            "Gaussian": _best_gaussian(v.lpet, truth, body, labels),
+        }
         for name, enhancer in enhancers.items():
-            ct = case.ct_hu if enhancer.info.uses_ct else None
-            output = enhancer.enhance_array(lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
+            cached = args.work / enhancer.info.version / _volume_key(v, args.insert_lesions)
+            if cached.exists():
+                output = np.load(cached)
+                reused += 1
+            else:
+                ct = cts[v.seed] if enhancer.info.uses_ct else None
+                output = enhancer.enhance_array(v.lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached.with_suffix(".part.npy"), output)
+                cached.with_suffix(".part.npy").replace(cached)
             row[name] = _score(output, truth, body, labels)
+            for label, (fwhm, sd) in scan.items():
+                restored = restore_significant(
+                    output, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0, spacing_mm=(2.0,) * 3
+                )
+                row[f"{name} {label}"] = _score(np.maximum(restored, 0.0), truth, body, labels)
         rows.append(row)
         print(
-            f"{style} {seed}: " + ", ".join(f"{n} {row[n]['psnr']:.2f} dB" for n in ["LPET", *enhancers]),
+            f"{v.style} {v.seed}: "
+            + ", ".join(f"{n} {row[n]['psnr']:.2f} dB" for n in row if n not in ("style", "seed")),
             flush=True,
         )
 
-    names = list(enhancers)
-    mean = {n: float(np.mean([r[n]["psnr"] for r in rows])) for n in ["LPET", *names]}
-    lesion = {
-        n: float(np.mean([r[n]["suvmax_bias"] for r in rows if r[n]["suvmax_bias"] is not None]))
-        for n in ["LPET", *names]
-    }
+    names = [n for name in enhancers for n in (name, *(f"{name} {label}" for label in scan))]
+    columns = ["LPET", "Gaussian", *names]
+    summary = _summary(rows, columns)
     header = {
         "command": shlex.join(
             ["benchmarks/validate_styles.py", *(argv if argv is not None else sys.argv[1:])]
@@ -115,46 +199,69 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "models": dict(specs),
         "dose": args.dose,
+        "cases": seeds,
+        "inserted_lesions": args.insert_lesions,
+        "outputs_reused": reused,
     }
     json_path, md_path = result_paths(args.out)
-    json_path.write_text(
-        json.dumps({**header, "mean_psnr": mean, "mean_suvmax_bias": lesion, "rows": rows}, indent=1)
-    )
+    json_path.write_text(json.dumps({**header, "summary": summary, "rows": rows}, indent=1))
+    md_path.write_text("\n".join(_markdown(header, specs, rows, columns, summary)) + "\n")
+    print(f"wrote {md_path}")
+    return 0
 
+
+def _markdown(
+    header: dict[str, Any], specs: list[list[str]], rows: list[dict[str, Any]], columns: list[str],
+    summary: dict[str, dict[str, Any]],
+) -> list[str]:
     def cell(row: dict[str, Any], name: str) -> str:
         bias = row[name]["suvmax_bias"]
-        return f"{row[name]['psnr']:.2f}" + (f" / {bias:+.1%}" if bias is not None else "")
+        fwhm = f" ({row[name]['fwhm_mm']:g})" if name == "Gaussian" else ""
+        return f"{row[name]['psnr']:.2f}{fwhm}" + (f" / {bias:+.1%}" if bias is not None else "")
 
-    md = [
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{value:+.1%}"
+
+    lesions = "its own"
+    if header["inserted_lesions"]:
+        lesions = "8 inserted lesions of 10–14 mm per case, and its own"
+    return [
         "# Checkpoints on validation phantoms through training scanner styles",
         "",
         f"Command: `.venv/bin/python {header['command']}`",
         "",
-        f"Machine: {header['machine']}; load average {load_before} before, {header['load_after']} after; "
-        f"{header['date']}; {header['minutes']} min.",
-        "",
-        "Models: "
-        + "; ".join(f"**{n}** `{p}`" for n, p in specs)
-        + f". Dose {args.dose:.0%}, unknown to the "
-        "models. PSNR (dB) against the noiseless expectation in the body / mean lesion SUVmax bias "
-        "against it "
-        "(lesions ≥ 10 mm; cases without one show PSNR only).",
-        "",
-        "| style | case | LPET | " + " | ".join(names) + " |",
-        "|---|---:|---:|" + "---:|" * len(names),
-        *(
-            f"| {r['style']} | {r['seed']} | {cell(r, 'LPET')} | "
-            + " | ".join(cell(r, n) for n in names)
-            + " |"
-            for r in rows
+        f"Machine: {header['machine']}; load average {header['load_before']} before, {header['load_after']} "
+        f"after; {header['date']}; {header['minutes']} min"
+        + (
+            f" ({header['outputs_reused']} model outputs made by an earlier run of the same model version on "
+            "the same volumes, reused from its --work folder)."
+            if header["outputs_reused"] else "."
         ),
-        f"| **mean** | | {mean['LPET']:.2f} / {lesion['LPET']:+.1%} | "
-        + " | ".join(f"**{mean[n]:.2f}** / {lesion[n]:+.1%}" for n in names)
+        "",
+        "Models: " + "; ".join(f"**{n}** `{p}`" for n, p in specs)
+        + f". Dose {header['dose']:.0%}, unknown to the models. Cases "
+        f"{', '.join(map(str, header['cases']))} ({lesions}). PSNR (dB) against the style's noiseless "
+        "image in the body / mean lesion SUVmax bias against it (lesions ≥ 10 mm; cases without one show "
+        "PSNR only). Gaussian: the best per style-case, FWHM (mm) chosen with the truth in hand.",
+        "",
+        "| style | case | " + " | ".join(columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+        *(f"| {r['style']} | {r['seed']} | " + " | ".join(cell(r, n) for n in columns) + " |" for r in rows),
+        "| **mean** | | " + " | ".join(
+            f"**{summary[n]['psnr']:.2f}** / {pct(summary[n]['suvmax_bias'])}" for n in columns
+        ) + " |",
+        "",
+        "Lesions over every style-case (SUVmax bias against the style's noiseless image):",
+        "",
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        "| lesions scored | " + " | ".join(str(summary[n]["lesions"]) for n in columns) + " |",
+        "| mean SUVmax bias | " + " | ".join(pct(summary[n]["suvmax_bias"]) for n in columns) + " |",
+        "| worst lesion | " + " | ".join(pct(summary[n]["worst_suvmax_bias"]) for n in columns) + " |",
+        "| lesions below −15 % | "
+        + " | ".join(str(summary[n]["lesions_below_minus_15"]) for n in columns)
         + " |",
     ]
-    md_path.write_text("\n".join(md) + "\n")
-    print(f"wrote {md_path}")
-    return 0
 
 
 if __name__ == "__main__":
