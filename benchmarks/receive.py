@@ -71,14 +71,16 @@ def _timed(label, f):
             _T[label] += time.perf_counter() - s
     return g
 _scp.handle_store = _timed("C-STORE handler (all below)", _scp.handle_store)
+_scp.peek_instance_uids = _timed("peek the UIDs (the file's first bytes)", _scp.peek_instance_uids)
 _scp.read_received = _timed("read the received header", _scp.read_received)
 _scp.validate_instance = _timed("validate every element", _scp.validate_instance)
 _S = _st.InstanceStore
+_S.contains = _timed("duplicate check (database)", _S.contains)
 _S._place = _timed("file: rename to its final name", _S._place)
 _st.fsync_dir = _timed("directory fsync (a helper thread, during validation)", _st.fsync_dir)
-_S._in_helper = _timed("wait until a helper is inside its fsync (file, directory)", _S._in_helper)
+_S._in_helpers = _timed("wait until the helpers are inside their fsyncs (file, directory)", _S._in_helpers)
 import dicomnode.jobs as _jobs
-_jobs.JobQueue.is_our_series = _timed("loop guard: is the series our own output (database)",
+_jobs.JobQueue.is_our_series = _timed("loop guard: is the series our own output (database, once per series)",
                                       _jobs.JobQueue.is_our_series)
 _st.Staged.commit = _timed("commit: wait for the file and name fsyncs, then the row", _st.Staged.commit)
 _S._insert_rows = _timed("database row: commit (WAL fsync)", _S._insert_rows)
@@ -251,8 +253,9 @@ def _markdown(report: dict, repeat: int, notes: list[str]) -> str:
         f"before the runs): {report['fsync_ms']:.1f} ms. Per instance the floor waits twice (its file, then "
         "its name), the floor without the directory fsync once; the node waits for the row's commit "
         "(shared with concurrent associations), the fsyncs of its file and of its name running in helper "
-        "threads while the file is parsed and validated (the handler goes on once each helper is inside its "
-        "fsync; dicomnode/store.py). How long a wait takes on "
+        "threads while the file is read and validated (it is named first, by the UIDs peeked from its first "
+        "bytes; the handler goes on once each helper is inside its fsync; dicomnode/store.py). "
+        "How long a wait takes on "
         "this virtual machine depends on the load as much as on the disk (a waiting CPU that idles wakes "
         "late), so the ratio is only meaningful within one run.", "",
     ]
