@@ -1,6 +1,6 @@
-"""The shared tiling loop (model.enhancers.tiling.run_tiled) gives, bit for bit, what each enhancer's
-own loop gave before it: data/tiled_outputs.npz was computed by those loops on these exact inputs, and
-regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
+"""The shared tiling loop (model.enhancers.tiling.run_tiled) gives what each enhancer's own loop gave
+before it, to float rounding (bit for bit on the CPU that saved them): data/tiled_outputs.npz was
+computed by those loops on these exact inputs, and regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
 cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did),
 and again when the model grid came to start at the input grid's edge (half a voxel difference of
 sizes had shifted it: only the 2.5 mm whole-volume case changed), and when σ_t came to be
@@ -78,15 +78,18 @@ def outputs(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_tiled_enhancers_give_the_saved_outputs_bit_for_bit(tmp_path) -> None:
+def test_tiled_enhancers_give_the_saved_outputs(tmp_path) -> None:
     computed = outputs(tmp_path)
     with np.load(SAVED) as saved:
         assert sorted(computed) == sorted(saved.files)
         for name, volume in computed.items():
             assert volume.dtype == saved[name].dtype and volume.shape == saved[name].shape, name
-            assert np.array_equal(volume, saved[name]), (
-                f"{name}: max difference {float(np.abs(volume - saved[name]).max())}"
-            )
+            # Bit for bit on the CPU that saved them; another CPU's float kernels round differently
+            # (3e-6 of the span on an AMD EPYC), while a tile misplaced or weighted wrongly moves
+            # voxels by a good part of their value.
+            span = float(saved[name].max() - saved[name].min())
+            error = float(np.abs(volume - saved[name]).max())
+            assert error <= 1e-5 * span, f"{name}: max difference {error} ({error / span:.1e} of the span)"
 
 
 if __name__ == "__main__":  # OMP_NUM_THREADS=1 python -m tests.model.enhancers.test_tiling_unchanged
