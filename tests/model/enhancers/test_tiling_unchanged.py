@@ -1,6 +1,7 @@
 """The shared tiling loop (model.enhancers.tiling.run_tiled) gives what each enhancer's own loop gave
 before it, to float rounding (bit for bit on the CPU that saved them): data/tiled_outputs.npz was
-computed by those loops on these exact inputs, and regenerated once on purpose when tiles came to start at multiples of their stride (so that a volume
+computed by those loops on these exact inputs, and regenerated once on purpose when tiles came to
+start at multiples of their stride (so that a volume
 cropped to the body meets the same tiles; all but the whole-volume case changed, no tile count did),
 and again when the model grid came to start at the input grid's edge (half a voxel difference of
 sizes had shifted it: only the 2.5 mm whole-volume case changed), and when σ_t came to be
