@@ -19,11 +19,12 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["detail_weight", "restore_decoder_detail"]
+__all__ = ["dose_weight", "restore_decoder_detail"]
 
 
-def detail_weight(dose_equivalent: float, doses: tuple[float, float]) -> float:
-    """0 at or below ``doses[0]``, 1 at or above ``doses[1]``, linear in log dose between."""
+def dose_weight(dose_equivalent: float, doses: tuple[float, float]) -> float:
+    """0 at or below ``doses[0]``, 1 at or above ``doses[1]``, linear in log dose between (a step's weight by
+    where the LPET is placed: this one's and the significance step's)."""
     low, high = doses
     if dose_equivalent <= low:
         return 0.0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.enhancers.base import Enhancer, EnhancerInfo, Progress
-from model.enhancers.detail import detail_weight, restore_decoder_detail
+from model.enhancers.detail import dose_weight, restore_decoder_detail
 from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 from model.enhancers.precision import autocast, resolve_precision
@@ -259,7 +259,10 @@ class DiffusionEnhancer(Enhancer):
         dose_equivalent = self.config.schedule.dose_at(t_poisson)
         detail = 0.0
         if self.config.sampler.decoder_detail_fwhm_mm > 0:
-            detail = detail_weight(dose_equivalent, self.config.sampler.decoder_detail_doses)
+            detail = dose_weight(dose_equivalent, self.config.sampler.decoder_detail_doses)
+        significance = 0.0
+        if self.config.sampler.significance_fwhm_mm > 0:
+            significance = dose_weight(dose_equivalent, self.config.sampler.significance_doses)
         log.info(
             "LPET placed on the schedule",
             extra={
@@ -268,6 +271,7 @@ class DiffusionEnhancer(Enhancer):
                     "from": "dose fraction" if self.options.dose_fraction is not None else "image noise",
                     "dose_equivalent": round(dose_equivalent, 4),
                     "decoder_detail": round(detail, 3),
+                    "significance": round(significance, 3),
                 }
             },
         )
@@ -285,11 +289,11 @@ class DiffusionEnhancer(Enhancer):
             out_iso = preserve_local_mean(
                 out_iso, pet_iso, fwhm_mm=sampler.local_mean_fwhm_mm, spacing_mm=spacing
             )
-        if sampler.significance_fwhm_mm > 0:  # after the local mean: it works at a finer scale
+        if significance > 0:  # after the local mean: it works at a finer scale
             out_iso = restore_significant(
                 out_iso, pet_iso, fwhm_mm=sampler.significance_fwhm_mm,
                 threshold=sampler.significance_threshold, window_fwhm_mm=sampler.significance_window_mm,
-                spacing_mm=spacing,
+                spacing_mm=spacing, weight=significance,
             )
         started = self._timed("normalise", started)
 

@@ -77,6 +77,7 @@ class SamplerConfig:
     significance_fwhm_mm: float = 0.0
     significance_threshold: float = 4.0
     significance_window_mm: float = 40.0
+    significance_doses: tuple[float, float] = (0.06, 0.12)  # weight 0 at or below, 1 at or above
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -97,6 +98,9 @@ class SamplerConfig:
                 f"significance_threshold ({self.significance_threshold}) must be above 1 and "
                 f"significance_window_mm ({self.significance_window_mm}) positive"
             )
+        low, high = self.significance_doses
+        if not 0 < low < high <= 1:
+            raise ValueError(f"significance_doses must be 0 < low < high ≤ 1, found {low}, {high}")
         if self.tile_batch < 1 or self.renoise_ratio < 0:
             raise ValueError(
                 f"tile_batch ({self.tile_batch}) must be ≥ 1 and renoise_ratio ({self.renoise_ratio}) ≥ 0"

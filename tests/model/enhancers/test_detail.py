@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from model.enhancers.detail import detail_weight, restore_decoder_detail
+from model.enhancers.detail import dose_weight, restore_decoder_detail
 
 
 def test_the_weight_rises_from_none_to_whole_linearly_in_log_dose() -> None:
     doses = (0.2, 0.4)
-    assert detail_weight(0.05, doses) == detail_weight(0.2, doses) == 0.0
-    assert detail_weight(0.4, doses) == detail_weight(1.0, doses) == 1.0
-    assert detail_weight(math.sqrt(0.2 * 0.4), doses) == pytest.approx(0.5)
-    weights = [detail_weight(d, doses) for d in np.linspace(0.2, 0.4, 9)]
+    assert dose_weight(0.05, doses) == dose_weight(0.2, doses) == 0.0
+    assert dose_weight(0.4, doses) == dose_weight(1.0, doses) == 1.0
+    assert dose_weight(math.sqrt(0.2 * 0.4), doses) == pytest.approx(0.5)
+    weights = [dose_weight(d, doses) for d in np.linspace(0.2, 0.4, 9)]
     assert weights == sorted(weights)
 
 

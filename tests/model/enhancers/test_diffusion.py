@@ -218,3 +218,11 @@ def test_significance_setting_puts_back_a_lesion_the_model_flattened(
     assert flattening(pet)[lesion].max() < 1500  # the model lost it (a median filter commutes with scale)
     assert out[lesion].max() > 3000  # it came back (as seen at 5 mm)
     assert np.abs(out - pet)[~ndimage.binary_dilation(lesion, iterations=6)].max() < 1.0  # nothing else moved
+    # Placed at a 2 % dose equivalent (below significance_doses' 6 %): the step is off.
+    plain = tiny_checkpoint(tmp_path / "plain", "ldm-p", sampler=SamplerConfig(steps=2))
+    noisy = []
+    for checkpoint in (plain, path):
+        low = _load(checkpoint, dose_fraction=0.02)
+        monkeypatch.setattr(low, "_run_tiles", flattening)
+        noisy.append(low.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0)))
+    np.testing.assert_array_equal(*noisy)

@@ -75,3 +75,12 @@ def test_arguments_are_checked() -> None:
         restore_significant(flattened[1:], lpet, threshold=4.0, **settings)
     with pytest.raises(ValueError, match="threshold"):
         restore_significant(flattened, lpet, threshold=1.0, **settings)
+
+
+def test_the_weight_scales_what_is_put_back() -> None:
+    flattened, _, lpet = _case(3)
+    settings = {"fwhm_mm": 5.0, "threshold": 4.0, "window_fwhm_mm": 40.0, "spacing_mm": SPACING}
+    full = restore_significant(flattened, lpet, **settings) - flattened
+    half = restore_significant(flattened, lpet, weight=0.5, **settings) - flattened
+    np.testing.assert_allclose(half, 0.5 * full, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(restore_significant(flattened, lpet, weight=0.0, **settings), flattened)

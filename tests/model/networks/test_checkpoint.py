@@ -157,6 +157,7 @@ def test_the_significance_setting_round_trips_and_is_checked() -> None:
     assert ModelConfig.from_json({**document, "sampler": old}).sampler.significance_fwhm_mm == 0.0  # off
     for bad, message in (({"significance_fwhm_mm": -1.0}, "must be ≥ 0"),
                          ({"significance_threshold": 1.0}, "above 1"),
-                         ({"significance_window_mm": 0.0}, "positive")):  # fmt: skip
+                         ({"significance_window_mm": 0.0}, "positive"),
+                         ({"significance_doses": [0.2, 0.1]}, "0 < low < high")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_json({**document, "sampler": {**document["sampler"], **bad}})
