@@ -182,6 +182,7 @@ class ValidationVolume(NamedTuple):
     lpet: np.ndarray
     clean: np.ndarray  # the style's noiseless image: the expectation through its grid and back
     lesion_labels: np.ndarray
+    ct_hu: np.ndarray  # the case's CT on the model grid
 
 
 def validation_volumes(
@@ -231,7 +232,7 @@ def validation_volumes(
                     generator=gen,
                 ).numpy()
                 lpet = to_model_grid(noisy, expectation.shape, 2.0, style)
-                yield ValidationVolume(name, case.meta["seed"], dose, lpet, clean, lesion_labels)
+                yield ValidationVolume(name, case.meta["seed"], dose, lpet, clean, lesion_labels, case.ct_hu)
 
 
 def _expectation(case: Any, insert_lesions: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -270,12 +271,13 @@ def _transfer_volumes(doses: list[float], seed: int):  # noqa: ANN202 - a genera
                 resample_isotropic(case.lpet[dose], case.pet_spacing_mm, 2.0),
                 expectation,
                 None,  # lesions are not scored here
+                None,  # nor the CT used
             )
 
 
 def _score(volumes, models: dict[str, Placement], reference: str) -> list[dict[str, Any]]:  # noqa: ANN001
     rows = []
-    for style, seed, dose, lpet, expectation, _labels in volumes:
+    for style, seed, dose, lpet, expectation, *_ in volumes:
         ref = models[reference]
         right, variance = ref.right_t(lpet, expectation)
         scaled = lpet / ref.config.normalisation.scale_bqml

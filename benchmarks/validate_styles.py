@@ -71,9 +71,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-GAUSSIAN_FWHM_GRID_MM = tuple(float(f) for f in range(13))  # the rival's grid, as the transfer set's
-
-
 def _score(x: np.ndarray, truth: np.ndarray, body: np.ndarray, lesion_labels: np.ndarray) -> dict[str, Any]:
     """PSNR against ``truth`` in ``body`` (peak: its maximum there) and the SUVmax biases of the lesions
     ≥ 10 mm, each and their mean (None without one; biases are relative, so the SUV scale cancels)."""
@@ -95,10 +92,11 @@ def _best_gaussian(
     lpet: np.ndarray, truth: np.ndarray, body: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
     """The rival: the LPET smoothed by the Gaussian (0–12 mm FWHM) with the best PSNR against ``truth``."""
+    from benchmarks.transfer import GAUSSIAN_FWHM_GRID_MM  # the transfer set's rival, on the same grid
     from model.evaluation.transfer import gaussian_fwhm
 
     scored = [
-        {**_score(gaussian_fwhm(lpet, f, (2.0, 2.0, 2.0)) if f else lpet, truth, body, labels), "fwhm_mm": f}
+        {**_score(gaussian_fwhm(lpet, f, (2.0, 2.0, 2.0)), truth, body, labels), "fwhm_mm": f}
         for f in GAUSSIAN_FWHM_GRID_MM
     ]
     return max(scored, key=lambda r: r["psnr"])
@@ -133,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     from model.enhancers.significance import restore_significant
     from model.evaluation.machine import machine_description
     from model.evaluation.report import result_paths
-    from model.simulation import dataset
 
     started = time.perf_counter()
     load_before = [round(v, 2) for v in os.getloadavg()]
@@ -148,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     case_dirs = tuple(f"data/quality/val/case_{s}" for s in seeds)
     rows: list[dict[str, Any]] = []
-    cts: dict[int, np.ndarray] = {}
     reused = 0
     for v in validation_volumes([args.dose], 0, cases=case_dirs, insert_lesions=args.insert_lesions):
-        if v.seed not in cts:  # each phantom's CT read once
-            cts[v.seed] = dataset.load_case(ROOT / f"data/quality/val/case_{v.seed}").ct_hu
         truth, labels = v.clean, v.lesion_labels
         body = truth > 0.1 * np.percentile(truth, 99)
         row = {
@@ -167,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 output = np.load(cached)
                 reused += 1
             else:
-                ct = cts[v.seed] if enhancer.info.uses_ct else None
+                ct = v.ct_hu if enhancer.info.uses_ct else None
                 output = enhancer.enhance_array(v.lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cached.with_suffix(".part.npy"), output)

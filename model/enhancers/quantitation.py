@@ -15,7 +15,14 @@ from scipy import ndimage
 
 from model.units import FWHM_PER_SIGMA
 
-__all__ = ["preserve_local_mean"]
+__all__ = ["preserve_local_mean", "smooth_fwhm"]
+
+
+def smooth_fwhm(x: np.ndarray, fwhm_mm: float, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """``x`` (z, y, x) smoothed by a Gaussian of ``fwhm_mm`` on a grid of ``spacing_mm`` (float32;
+    ``nearest`` at the edges, truncated at 3 σ): the scale of the enhancer's post-steps."""
+    sigma = [fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
+    return ndimage.gaussian_filter(x.astype(np.float32, copy=False), sigma, mode="nearest", truncate=3.0)
 
 
 def preserve_local_mean(
@@ -30,15 +37,11 @@ def preserve_local_mean(
         raise ValueError(f"shapes differ: estimate {estimate.shape}, reference {reference.shape}")
     if fwhm_mm <= 0:
         raise ValueError(f"fwhm_mm must be positive, found {fwhm_mm}")
-    sigma = [fwhm_mm / FWHM_PER_SIGMA / s for s in spacing_mm]
     # Local means of the values as they are: an FBP LPET's negative voxels are noise around a small
     # mean, and clipping them first would raise that mean (+8 % activity on a 2 % FBP study). Only
     # the smoothed reference is held at zero, where air makes it slightly negative.
-    def local_mean(x: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(x.astype(np.float32, copy=False), sigma, mode="nearest", truncate=3.0)
-
-    g_est = local_mean(estimate)
-    g_ref = np.maximum(local_mean(reference), 0.0)
+    g_est = smooth_fwhm(estimate, fwhm_mm, spacing_mm)
+    g_ref = np.maximum(smooth_fwhm(reference, fwhm_mm, spacing_mm), 0.0)
     floor = 1e-3 * float(g_est.max()) if g_est.size else 0.0
     if floor <= 0:
         return estimate.astype(np.float32, copy=False)

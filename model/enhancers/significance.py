@@ -23,9 +23,8 @@ Chosen on validation (benchmarks/results/validate_significance_*.md).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
-from model.units import FWHM_PER_SIGMA
+from model.enhancers.quantitation import smooth_fwhm
 
 __all__ = ["restore_significant"]
 
@@ -56,14 +55,10 @@ def restore_significant(
             f"({threshold}) above {_RAMP}"
         )
 
-    def smooth(x: np.ndarray, fwhm: float) -> np.ndarray:
-        sigma = [fwhm / FWHM_PER_SIGMA / s for s in spacing_mm]
-        return ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=3.0)
-
     out = output.astype(np.float32, copy=False)
-    r = smooth(lpet.astype(np.float32, copy=False), fwhm_mm)
-    r -= smooth(out, fwhm_mm)
-    spread = np.sqrt(smooth(r * r, window_fwhm_mm))
+    r = smooth_fwhm(lpet, fwhm_mm, spacing_mm)
+    r -= smooth_fwhm(out, fwhm_mm, spacing_mm)
+    spread = np.sqrt(smooth_fwhm(r * r, window_fwhm_mm, spacing_mm))
     # |r| / σ, with σ held above zero (air: r and σ both vanish, and so does the weight).
     ratio = np.abs(r) / np.maximum(spread, np.float32(1e-12) + np.float32(1e-6) * float(spread.max()))
     w = np.clip((ratio - (threshold - _RAMP)) / (2 * _RAMP), 0.0, 1.0, out=ratio)
