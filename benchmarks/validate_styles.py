@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         "window of 40 mm), applied to the output as the node does (model/enhancers/significance.py)",
     )
     p.add_argument(
+        "--significance-doses",
+        default="",
+        metavar="LOW,HIGH",
+        help="weight the scanned step as the node does by where the model placed the LPET: 0 at or below "
+        "a LOW dose equivalent, 1 at or above HIGH (e.g. 0.06,0.12; default: weight 1 everywhere)",
+    )
+    p.add_argument(
         "--work",
         type=Path,
         default=ROOT / "data" / "validate_styles",
@@ -126,6 +133,7 @@ def _summary(rows: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from benchmarks.noise_index import validation_volumes
+    from model.enhancers.detail import dose_weight
     from model.enhancers.diffusion import load_diffusion_enhancer
     from model.enhancers.options import InferenceOptions
     from model.enhancers.significance import restore_significant
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         f"+ significance {f}:{sd}": (float(f), float(sd))
         for f, sd in (item.split(":") for item in args.significance.split(",") if item.strip())
     }
+    ramp = tuple(float(d) for d in args.significance_doses.split(",")) if args.significance_doses else None
     case_dirs = tuple(f"data/quality/val/case_{s}" for s in seeds)
     rows: list[dict[str, Any]] = []
     reused = 0
@@ -157,19 +166,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name, enhancer in enhancers.items():
             cached = args.work / enhancer.info.version / _volume_key(v, args.insert_lesions)
-            if cached.exists():
-                output = np.load(cached)
+            placed = cached.with_suffix(".json")  # where the model placed it: written after the output
+            if cached.exists() and placed.exists():
+                output, placement = np.load(cached), json.loads(placed.read_text())
                 reused += 1
             else:
                 ct = v.ct_hu if enhancer.info.uses_ct else None
                 output = enhancer.enhance_array(v.lpet, ct, spacing_mm=(2.0, 2.0, 2.0))
+                placement = enhancer.placement
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cached.with_suffix(".part.npy"), output)
                 cached.with_suffix(".part.npy").replace(cached)
-            row[name] = _score(output, truth, body, labels)
+                placed.write_text(json.dumps(placement))
+            row[name] = {**_score(output, truth, body, labels), "placement": placement}
+            weight = dose_weight(placement["dose_equivalent"], ramp) if ramp else 1.0
             for label, (fwhm, sd) in scan.items():
                 restored = restore_significant(
-                    output, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0, spacing_mm=(2.0,) * 3
+                    output, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0, spacing_mm=(2.0,) * 3,
+                    weight=weight,
                 )
                 row[f"{name} {label}"] = _score(np.maximum(restored, 0.0), truth, body, labels)
         rows.append(row)
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "dose": args.dose,
         "cases": seeds,
         "inserted_lesions": args.insert_lesions,
+        "significance_doses": list(ramp) if ramp else None,
         "outputs_reused": reused,
     }
     json_path, md_path = result_paths(args.out)
@@ -211,7 +226,9 @@ def _markdown(
     def cell(row: dict[str, Any], name: str) -> str:
         bias = row[name]["suvmax_bias"]
         fwhm = f" ({row[name]['fwhm_mm']:g})" if name == "Gaussian" else ""
-        return f"{row[name]['psnr']:.2f}{fwhm}" + (f" / {bias:+.1%}" if bias is not None else "")
+        placed = row[name].get("placement")
+        at = f" [{placed['dose_equivalent']:.1%}]" if placed else ""
+        return f"{row[name]['psnr']:.2f}{fwhm}" + (f" / {bias:+.1%}" if bias is not None else "") + at
 
     def pct(value: float | None) -> str:
         return "–" if value is None else f"{value:+.1%}"
@@ -236,7 +253,14 @@ def _markdown(
         + f". Dose {header['dose']:.0%}, unknown to the models. Cases "
         f"{', '.join(map(str, header['cases']))} ({lesions}). PSNR (dB) against the style's noiseless "
         "image in the body / mean lesion SUVmax bias against it (lesions ≥ 10 mm; cases without one show "
-        "PSNR only). Gaussian: the best per style-case, FWHM (mm) chosen with the truth in hand.",
+        "PSNR only); [the dose equivalent where the model placed the LPET]. Gaussian: the best per "
+        "style-case, FWHM (mm) chosen with the truth in hand."
+        + (
+            " Significance step weighted by that placement: 0 at or below a "
+            f"{header['significance_doses'][0]:.0%} dose equivalent, 1 at or above "
+            f"{header['significance_doses'][1]:.0%}."
+            if header["significance_doses"] else ""
+        ),
         "",
         "| style | case | " + " | ".join(columns) + " |",
         "|---|---:|" + "---:|" * len(columns),

@@ -70,6 +70,8 @@ class DiffusionEnhancer(Enhancer):
         self.timings: dict[str, float] = {}
         self.tile_counts: dict[str, int] = {}
         self.sampling: dict[str, int] = {}
+        # Where the last volume was placed and the weights that follows (benchmarks read it).
+        self.placement: dict[str, float] = {}
         variant = config.variant
         self.info = EnhancerInfo(
             name=f"uPETe {variant.label}",
@@ -238,6 +240,7 @@ class DiffusionEnhancer(Enhancer):
         self.timings = {}
         self.tile_counts = {}
         self.sampling = {}
+        self.placement = {}
         started = time.perf_counter()
         if progress:
             progress(0.0, "resample")
@@ -263,6 +266,10 @@ class DiffusionEnhancer(Enhancer):
         significance = 0.0
         if self.config.sampler.significance_fwhm_mm > 0:
             significance = dose_weight(dose_equivalent, self.config.sampler.significance_doses)
+        self.placement = {
+            "t_star": t_poisson, "dose_equivalent": dose_equivalent, "decoder_detail": detail,
+            "significance": significance,
+        }
         log.info(
             "LPET placed on the schedule",
             extra={
