@@ -1,4 +1,4 @@
-"""Quality benchmark: every available method on held-out simulated cases at the paper's doses.
+"""Quality benchmark: the transfer set first, then every available method on held-out simulated cases.
 
     .venv/bin/python benchmarks/quality.py [--cases 10] [--val-cases 4] [--shape 64,192,192] ...
 
@@ -11,12 +11,18 @@ The trained-model report (ablation and comparison tables; each checkpoint with i
 LDM, LDM-P and LDM-CT are scored at the table dose only (``--ablation-doses``, default 0.1); uPETe and
 the supervised U-Net at every dose.
 
+0. The transfer set (benchmarks/transfer.py: a second generator's scanner styles, never trained or
+   chosen on; ``--transfer-doses``, ``--transfer-cases``, ``--transfer-model``) through the node's path,
+   dose unknown, against the noiseless expectation with the best Gaussian per case (truth in hand) as
+   the rival: the report's first section, with the targets of the model named LDM-P-CT judged from the
+   numbers; transfer.md / transfer.json beside quality.md hold every table of that run.
 1. Simulates what is missing (model.dataset): validation cases with seeds 100000+ and test cases with
    seeds 200000+ (training seeds start at 0, so none overlap), each with its own reconstruction drawn
    from the standard pool (``--holdout-recons``: from the reconstructions held out of training).
 2. Tunes every baseline per dose on the validation cases only (grid search on the paper's PSNR against
    the SPET, on each case's central ``--tune-slices`` slices).
-3. Runs every method on the test cases at each dose and writes benchmarks/results/quality.md,
+3. Runs every method on the test cases at each dose (a model does not know the dose, as at the node)
+   and ranks against the noiseless expectation, the SPET columns after; writes benchmarks/results/quality.md,
    quality.json, tuned_params.json and PNG figures, with the command, date, machine and settings.
 
 Resumable: simulated cases, tuned parameters and each (case, dose, method) score are kept (in
@@ -91,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="reconstruct test cases with the settings held out of training")
     p.add_argument("--data", default=str(ROOT / "data" / "quality"), help="simulated cases and caches")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="report folder")
+    p.add_argument("--transfer-doses", default="0.02,0.05,0.1,0.25,0.5", metavar="D,D,...|none",
+                   help="doses of the transfer set, the report's first section (default the paper's five; "
+                   "'none' to leave it out)")
+    p.add_argument("--transfer-cases", type=int, default=1, help="transfer cases per style (default 1)")
+    p.add_argument("--transfer-model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="a model on the transfer set (repeatable; default the shipped LDM-P-CT and LDM-P and "
+                   "the supervised reference U-Net); the targets judge the one named LDM-P-CT")
+    p.add_argument("--transfer-work", default=str(ROOT / "data" / "transfer"),
+                   help="transfer outputs kept by model version and reused (default data/transfer, shared "
+                   "with benchmarks/transfer.py)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's header; repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -202,6 +218,46 @@ def _paper_runs(args: argparse.Namespace, models: list, val: list[Path], data: P
     return holdout, steps
 
 
+SUPERVISED_REFERENCE = ("Supervised U-Net (10 % pairs, old simulator, 31 min)",
+                        ROOT / "training_runs" / "supervised" / "supervised-unet.safetensors")
+
+
+def _transfer_models(specs: list[str]) -> dict[str, Path]:
+    """``--transfer-model`` options, or the shipped pair and the supervised reference where it is."""
+    from benchmarks.transfer import MODELS, _models
+
+    if specs:
+        return _models(specs)
+    name, path = SUPERVISED_REFERENCE
+    return {**MODELS, **({name: path} if path.is_file() else {})}
+
+
+def _transfer_run(args: argparse.Namespace, command: str) -> tuple[list[str], dict[str, Any]]:
+    """The transfer set through the node's path (benchmarks/transfer.py, its cache shared): the report's
+    first section, and transfer.md / transfer.json beside quality.md with the full tables."""
+    from benchmarks.transfer import report, run_transfer, target_roles, transfer_section
+    from model.evaluation.machine import machine_description
+    from model.evaluation.report import result_paths
+    from model.evaluation.transfer import STYLES
+
+    if args.transfer_doses.strip().lower() == "none":
+        return [], {}
+    models = _transfer_models(args.transfer_model)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    started = time.time()
+    rows, summary, run = run_transfer(models, styles=list(STYLES), cases=args.transfer_cases,
+                                      doses=_floats(args.transfer_doses), work=Path(args.transfer_work),
+                                      device=args.device)
+    header = {"command": f"`{command}`", "machine": machine_description(), "load_before": load_before,
+              "load_after": [round(v, 2) for v in os.getloadavg()],
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "wall_minutes": (time.time() - started) / 60.0, **run}
+    json_path, md_path = result_paths(Path(args.out) / "transfer")
+    json_path.write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
+    md_path.write_text(report(summary, header, list(models)))
+    return transfer_section(summary, header, target_roles(header["descriptions"]))
+
+
 def _report_header(
     args: argparse.Namespace, command: str, *, load: float, test: list, models: list, ablation_only: dict,
     methods: list[str],
@@ -294,19 +350,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     command = _command_line(argv if argv is not None else sys.argv[1:])
+    try:
+        transfer_lines, transfer_data = _transfer_run(args, command)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     header = _report_header(args, command, load=load, test=test, models=models,
                             ablation_only=ablation_only, methods=methods)
     labels = {m.key: m.label for m in models}
 
     def sections(results: Any, summary: dict) -> tuple[list[str], dict]:
-        return paper_sections(results, summary, models=models, labels={**LABELS, **labels},
-                              out_dir=Path(args.out), holdout=holdout, steps=steps)
+        lines, data = [], {}
+        if models:
+            lines, data = paper_sections(results, summary, models=models, labels={**LABELS, **labels},
+                                         out_dir=Path(args.out), holdout=holdout, steps=steps)
+        return [*transfer_lines, *lines], {**({"transfer": transfer_data} if transfer_data else {}), **data}
 
     results, summary = run_quality(
         test, Path(args.out), methods=methods, doses=doses, val_cases=val,
         checkpoints=[m.path for m in everywhere], extra_methods=extra, header=header,
         cache_dir=data / "cache", tune_slices=args.tune_slices or None, progress=not args.quiet,
-        title=models_title(models), labels=labels, sections=sections if models else None,
+        title=models_title(models), labels=labels, sections=sections if models or transfer_lines else None,
     )
     total = time.perf_counter() - started
     report = Path(args.out) / "quality.md"

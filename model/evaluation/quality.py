@@ -151,18 +151,18 @@ def build_methods(
 def checkpoint_method(
     path: Path, *, device: str = "auto", steps: int | None = None, doses: Sequence[float] | None = None
 ) -> PerDose:
-    """A checkpoint as a method, loaded once per dose through :func:`model.enhance.load_enhancer`
-    (the diffusion model's t* depends on the dose; ``steps`` None = the checkpoint's default;
-    ``doses`` None = run at every dose, else only at these)."""
+    """A checkpoint as a method through :func:`model.enhance.load_enhancer`, the dose unknown to it as
+    at the node by default (a diffusion model places the LPET from its noise); ``steps`` None = the
+    checkpoint's default; ``doses`` None = run at every dose, else only at these."""
     from model.enhance import InferenceOptions, load_enhancer
 
     def factory(dose: float) -> MethodLike:
-        options = InferenceOptions(device=device, steps=steps, dose_fraction=dose)
+        options = InferenceOptions(device=device, steps=steps)
         enhancer = load_enhancer(str(path), options=options)
         if hasattr(enhancer, "steps"):
             # The weights digest alone is the cache version: without the steps in it, a score at one
-            # step count would be taken for another's.
-            enhancer.params = {"steps": enhancer.steps}
+            # step count would be taken for another's; scores made with the dose given are not these.
+            enhancer.params = {"steps": enhancer.steps, "dose": "unknown"}
             local_mean = enhancer.config.sampler.local_mean_fwhm_mm
             if local_mean:  # a JSON-only setting: it must be in the cache version too
                 enhancer.params["local_mean_fwhm_mm"] = local_mean

@@ -1,8 +1,9 @@
 """Sampling steps vs quality: a table, a PNG and the step count the report recommends.
 
 Scored on the *validation* cases: picking a default is model selection, and test cases are never used
-for a choice. The recommendation is the smallest step count whose mean PSNR (paper, vs SPET) is within
-``tolerance_db`` of the best one's at the chosen dose; the report prints it and writes it into no config.
+for a choice. The recommendation is the smallest step count whose mean PSNR (paper, vs the expectation)
+is within ``tolerance_db`` of the best one's at the chosen dose; the report prints it and writes it into
+no config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from model.evaluation.paper_tables import METHOD_HEAD, mean_of, method_cells
+from model.evaluation.paper_tables import METHOD_HEAD, METHOD_RULE, RANK_REF, mean_of, method_cells
 from model.evaluation.report import _dose_label, _pyplot, _row
 
 __all__ = ["TOLERANCE_DB", "plot_steps_curve", "recommend_steps", "steps_section"]
@@ -46,7 +47,8 @@ def _seconds(summary: Mapping[str, Any], dose: float, key: str) -> float:
 
 
 def plot_steps_curve(summary: Mapping[str, Any], keys: Mapping[int, str], path: Path) -> Path:
-    """PSNR, SSIM (paper, vs SPET, mean ± std) and seconds per volume against sampler steps, per dose."""
+    """PSNR, SSIM (paper, vs the expectation, mean ± std) and seconds per volume against sampler steps,
+    per dose."""
     plt = _pyplot()
     steps = sorted(keys)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
@@ -54,14 +56,14 @@ def plot_steps_curve(summary: Mapping[str, Any], keys: Mapping[int, str], path: 
         dose = float(dose_key)
         for ax, metric in zip(axes[:2], ("psnr_paper", "ssim_paper"), strict=True):
             entries = [summary["per_dose"][dose_key].get(keys[n], {}) for n in steps]
-            stats = [e.get("spet", {}).get(metric, {}) for e in entries]
+            stats = [e.get(RANK_REF, {}).get(metric, {}) for e in entries]
             ax.errorbar(steps, [s.get("mean", math.nan) for s in stats],
                         yerr=[s.get("std", math.nan) for s in stats], marker="o", capsize=3,
                         label=f"dose {_dose_label(dose_key)}")
         axes[2].plot(steps, [_seconds(summary, dose, keys[n]) for n in steps], marker="o",
                      label=f"dose {_dose_label(dose_key)}")
-    for ax, name in zip(axes, ("PSNR paper vs SPET (dB)", "SSIM paper vs SPET", "seconds per volume"),
-                        strict=True):
+    names = ("PSNR paper vs expectation (dB)", "SSIM paper vs expectation", "seconds per volume")
+    for ax, name in zip(axes, names, strict=True):
         ax.set_xscale("log")
         ax.set_xticks(steps)
         ax.set_xticklabels([str(n) for n in steps])
@@ -86,7 +88,7 @@ def steps_section(
     cases = f"{n_cases} validation case(s)" if n_cases is not None else "the validation cases"
     lines = ["## Sampling steps vs quality (LDM-P-CT, validation cases)", "",
              f"Scored on {cases}, never on test cases: choosing the default is model selection.", "",
-             "| dose | steps | " + METHOD_HEAD, "|---|---|---|---|---|---|---|---|"]
+             "| dose | steps | " + METHOD_HEAD, METHOD_RULE + "---|"]
     for dose_key in summary["per_dose"]:
         d = float(dose_key)
         lines.append(_row([_dose_label(dose_key), "LPET", *method_cells(summary, d, "lpet")]))

@@ -205,7 +205,8 @@ def test_quality_benchmark_script(tmp_path: Path) -> None:
     spec.loader.exec_module(bench)
     argv = ["--cases", "2", "--val-cases", "1", "--shape", "8,48,48", "--doses", "0.5,0.1",
             "--methods", "lpet,gaussian,bilateral", "--data", str(tmp_path / "data"),
-            "--out", str(tmp_path / "out"), "--tune-slices", "0", "--quiet", "--note", "first try"]
+            "--out", str(tmp_path / "out"), "--tune-slices", "0", "--quiet", "--note", "first try",
+            "--transfer-doses", "none"]
     assert bench.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "data" / "test").iterdir()) == ["case_200000", "case_200001"]
     assert [p.name for p in (tmp_path / "data" / "val").iterdir()] == ["case_100000"]

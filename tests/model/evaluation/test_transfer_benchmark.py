@@ -92,3 +92,40 @@ def test_supervised_checkpoint_scored_and_cached_by_version(
     assert weights_digest(linked) != weights_digest(second)
     assert bench.main([*common, "--model", f"linked={linked}"]) == 0
     assert (work / f"{weights_digest(linked)}-steps-default" / "tiny-900000-0.5.npz").is_file()
+
+
+def _entry(psnr: dict[str, float], gap: dict[str, float], lesion: float | None, lowest: float | None) -> dict:
+    methods = {n: {"psnr": v, "gap_closed": gap.get(n, 0.0), "suvmax_mean": lesion, "suvmax_lowest": lowest,
+                   "suvmax_worst": lowest, "suvmean_mean": lesion} for n, v in psnr.items()}
+    return {"cases": 1, "lesions_scored": 0 if lesion is None else 2, **methods}
+
+
+def test_targets_are_judged_from_the_numbers() -> None:
+    bench = _bench()
+    summary = {
+        "0.1": {"a": _entry({"Gaussian": 40.0, "LDM-P-CT": 41.2, "LDM-P": 41.0, "sup": 41.5},
+                            {"LDM-P-CT": 0.85}, -0.04, -0.10),
+                "b": _entry({"Gaussian": 38.0, "LDM-P-CT": 38.9, "LDM-P": 38.7, "sup": 38.0},
+                            {"LDM-P-CT": 0.81}, 0.02, -0.20)},
+        "0.5": {"a": _entry({"Gaussian": 45.0, "LDM-P-CT": 45.6, "LDM-P": 45.9, "sup": 45.0}, {}, None, None),
+                "b": _entry({"Gaussian": 44.0, "LDM-P-CT": 44.5, "LDM-P": 44.9, "sup": 44.0}, {}, None,
+                            None)},
+    }
+    rows = bench.targets(summary, "LDM-P-CT", without_ct="LDM-P", supervised="sup")
+    met = {r["target"]: r["met"] for r in rows}
+    assert met["10 %: ≥ 80 % of the LPET-to-expectation gap closed on every style"] is True
+    assert met["10 %: ≥ 1 dB above the best Gaussian on every style"] is False  # b: +0.9 dB
+    assert met["50 %: ≥ 0.5 dB above the best Gaussian on every style"] is True  # +0.6 and +0.5
+    lesions = [r for r in rows if r["target"].startswith("10 %: lesion")][0]
+    assert lesions["met"] is False and "lowest -20.0 %" in lesions["measured"]  # the mean (-1 %) is fine
+    assert [r["met"] for r in rows if r["target"].startswith("50 %: lesion")] == [None]  # none scored
+    ct = [r for r in rows if r["target"].startswith("LDM-P-CT ≥ LDM-P")][0]
+    assert ct["met"] is False and "behind at 1 of 2 doses: 50 % (-0.35 dB)" in ct["measured"]
+    sup = [r for r in rows if "ahead of sup" in r["target"]][0]
+    assert sup["met"] is False and "10 % 1 of 2, 50 % 2 of 2" in sup["measured"]
+
+    header = {"models": {"LDM-P-CT": "x", "LDM-P": "y", "sup": "z"}, "seeds": [900000]}
+    lines, data = bench.transfer_section(summary, header, {"model": "LDM-P-CT", "without_ct": "LDM-P"})
+    text = "\n".join(lines)
+    assert "### Targets of LDM-P-CT (2 of 6 met)" in text and len(data["targets"]) == 6
+    assert "| b | +0.90 (+81.0 %) | +0.50 (+0.0 %) |" in text  # LDM-P-CT over the best Gaussian
