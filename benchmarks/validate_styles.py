@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--significance",
         default="",
-        metavar="FWHM:SD,...",
+        metavar="FWHM:SD[+FWHM:SD],...",
         help="also score each model's output with the significance step at these settings (mm : σ, a "
-        "window of 40 mm), applied to the output as the node does (model/enhancers/significance.py)",
+        "window of 40 mm), applied to the output as the node does (model/enhancers/significance.py); "
+        "after a +, the low-dose setting that takes the rest of the weight (with --significance-doses)",
     )
     p.add_argument(
         "--significance-doses",
@@ -148,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     # The step runs after the model; scored here on the model's output (the node applies it before its
     # non-negativity clip, on the model grid, which these volumes are on: the same up to negative voxels).
     scan = {
-        f"+ significance {f}:{sd}": (float(f), float(sd))
-        for f, sd in (item.split(":") for item in args.significance.split(",") if item.strip())
+        f"+ significance {item.strip()}": [
+            tuple(float(v) for v in part.split(":")) for part in item.split("+")
+        ]
+        for item in args.significance.split(",")
+        if item.strip()
     }
     ramp = tuple(float(d) for d in args.significance_doses.split(",")) if args.significance_doses else None
     case_dirs = tuple(f"data/quality/val/case_{s}" for s in seeds)
@@ -180,11 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                 placed.write_text(json.dumps(placement))
             row[name] = {**_score(output, truth, body, labels), "placement": placement}
             weight = dose_weight(placement["dose_equivalent"], ramp) if ramp else 1.0
-            for label, (fwhm, sd) in scan.items():
-                restored = restore_significant(
-                    output, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0, spacing_mm=(2.0,) * 3,
-                    weight=weight,
-                )
+            for label, settings in scan.items():
+                restored = output
+                for (fwhm, sd), w in zip(settings, (weight, 1.0 - weight), strict=False):
+                    if w > 0:  # the main setting at the ramp's weight, the low-dose one at the rest
+                        restored = restore_significant(
+                            restored, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0,
+                            spacing_mm=(2.0,) * 3, weight=w,
+                        )
                 row[f"{name} {label}"] = _score(np.maximum(restored, 0.0), truth, body, labels)
         rows.append(row)
         print(

@@ -85,6 +85,10 @@ class DiffusionEnhancer(Enhancer):
                 + (f", LPET differences beyond {config.sampler.significance_threshold:g} σ kept at "
                    f"{config.sampler.significance_fwhm_mm:g} mm"
                    if config.sampler.significance_fwhm_mm > 0 else "")
+                + (f" ({config.sampler.significance_low_threshold:g} σ at "
+                   f"{config.sampler.significance_low_fwhm_mm:g} mm where the LPET is placed low)"
+                   if config.sampler.significance_fwhm_mm > 0 and config.sampler.significance_low_fwhm_mm > 0
+                   else "")
             ),
             uses_ct=variant.uses_ct,
             requires_ct=variant.uses_ct,
@@ -301,6 +305,13 @@ class DiffusionEnhancer(Enhancer):
                 out_iso, pet_iso, fwhm_mm=sampler.significance_fwhm_mm,
                 threshold=sampler.significance_threshold, window_fwhm_mm=sampler.significance_window_mm,
                 spacing_mm=spacing, weight=significance,
+            )
+        if sampler.significance_fwhm_mm > 0 and sampler.significance_low_fwhm_mm > 0 and significance < 1:
+            # A noisy LPET: noise passes the fine test, so the rest of the weight goes to a coarser one.
+            out_iso = restore_significant(
+                out_iso, pet_iso, fwhm_mm=sampler.significance_low_fwhm_mm,
+                threshold=sampler.significance_low_threshold, window_fwhm_mm=sampler.significance_window_mm,
+                spacing_mm=spacing, weight=1.0 - significance,
             )
         started = self._timed("normalise", started)
 

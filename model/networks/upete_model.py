@@ -78,6 +78,10 @@ class SamplerConfig:
     significance_threshold: float = 4.0
     significance_window_mm: float = 40.0
     significance_doses: tuple[float, float] = (0.06, 0.12)  # weight 0 at or below, 1 at or above
+    # > 0: the rest of the weight (1 − the step's weight, i.e. where the LPET is placed low and its noise
+    # would pass a 5 mm test) goes to the same step at this coarser FWHM and its own threshold; 0: off.
+    significance_low_fwhm_mm: float = 0.0
+    significance_low_threshold: float = 4.0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -101,6 +105,14 @@ class SamplerConfig:
         low, high = self.significance_doses
         if not 0 < low < high <= 1:
             raise ValueError(f"significance_doses must be 0 < low < high ≤ 1, found {low}, {high}")
+        if self.significance_low_fwhm_mm < 0 or self.significance_low_threshold <= 1:
+            raise ValueError(
+                f"significance_low_fwhm_mm ({self.significance_low_fwhm_mm}) must be ≥ 0 and "
+                f"significance_low_threshold ({self.significance_low_threshold}) above 1"
+            )
+        if self.significance_low_fwhm_mm > 0 and self.significance_fwhm_mm == 0:
+            raise ValueError("significance_low_fwhm_mm needs significance_fwhm_mm > 0 (it takes the rest "
+                             "of that step's weight)")
         if self.tile_batch < 1 or self.renoise_ratio < 0:
             raise ValueError(
                 f"tile_batch ({self.tile_batch}) must be ≥ 1 and renoise_ratio ({self.renoise_ratio}) ≥ 0"

@@ -226,3 +226,12 @@ def test_significance_setting_puts_back_a_lesion_the_model_flattened(
         monkeypatch.setattr(low, "_run_tiles", flattening)
         noisy.append(low.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0)))
     np.testing.assert_array_equal(*noisy)
+    # With a low-dose setting the rest of the weight goes to it there: the lesion comes back, coarser.
+    coarse = tiny_checkpoint(tmp_path / "coarse", "ldm-p", sampler=SamplerConfig(
+        steps=2, significance_fwhm_mm=5.0, significance_low_fwhm_mm=7.0, significance_low_threshold=5.0))
+    low = _load(coarse, dose_fraction=0.02)
+    assert "(5 σ at 7 mm where the LPET is placed low)" in low.info.description
+    monkeypatch.setattr(low, "_run_tiles", flattening)
+    restored = low.enhance_array(pet, spacing_mm=(2.0, 2.0, 2.0))
+    assert restored[lesion].max() > noisy[0][lesion].max() + 500
+    assert np.abs(restored - pet)[~ndimage.binary_dilation(lesion, iterations=8)].max() < 1.0

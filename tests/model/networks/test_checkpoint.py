@@ -161,3 +161,18 @@ def test_the_significance_setting_round_trips_and_is_checked() -> None:
                          ({"significance_doses": [0.2, 0.1]}, "0 < low < high")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             ModelConfig.from_json({**document, "sampler": {**document["sampler"], **bad}})
+
+
+def test_the_low_dose_significance_setting_round_trips_and_is_checked() -> None:
+    document = tiny_config("ldm-p").to_json()
+    sampler = {**document["sampler"], "significance_fwhm_mm": 5.0, "significance_low_fwhm_mm": 7.0,
+               "significance_low_threshold": 5.0}
+    config = ModelConfig.from_json({**document, "sampler": sampler})
+    assert (config.sampler.significance_low_fwhm_mm, config.sampler.significance_low_threshold) == (7.0, 5.0)
+    assert ModelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    assert ModelConfig.from_json(document).sampler.significance_low_fwhm_mm == 0.0  # off by default
+    for bad, message in (({"significance_low_fwhm_mm": -1.0}, "must be ≥ 0"),
+                         ({"significance_low_threshold": 0.5}, "above 1"),
+                         ({"significance_fwhm_mm": 0.0}, "needs significance_fwhm_mm")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_json({**document, "sampler": {**sampler, **bad}})
