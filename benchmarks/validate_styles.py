@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.enhancers.detail import dose_weight
     from model.enhancers.diffusion import load_diffusion_enhancer
     from model.enhancers.options import InferenceOptions
-    from model.enhancers.significance import restore_significant
+    from model.enhancers.significance import restore_significant_by_dose
     from model.evaluation.machine import machine_description
     from model.evaluation.report import result_paths
 
@@ -184,14 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 placed.write_text(json.dumps(placement))
             row[name] = {**_score(output, truth, body, labels), "placement": placement}
             weight = dose_weight(placement["dose_equivalent"], ramp) if ramp else 1.0
-            for label, settings in scan.items():
-                restored = output
-                for (fwhm, sd), w in zip(settings, (weight, 1.0 - weight), strict=False):
-                    if w > 0:  # the main setting at the ramp's weight, the low-dose one at the rest
-                        restored = restore_significant(
-                            restored, v.lpet, fwhm_mm=fwhm, threshold=sd, window_fwhm_mm=40.0,
-                            spacing_mm=(2.0,) * 3, weight=w,
-                        )
+            for label, (setting, *low) in scan.items():
+                restored = restore_significant_by_dose(
+                    output, v.lpet, setting=setting, low_setting=low[0] if low else None, weight=weight,
+                    window_fwhm_mm=40.0, spacing_mm=(2.0,) * 3,
+                )
                 row[f"{name} {label}"] = _score(np.maximum(restored, 0.0), truth, body, labels)
         rows.append(row)
         print(

@@ -26,7 +26,7 @@ from model.enhancers.device import resolve_inference_device
 from model.enhancers.options import DEFAULT_OPTIONS, InferenceOptions
 from model.enhancers.precision import autocast, resolve_precision
 from model.enhancers.quantitation import preserve_local_mean
-from model.enhancers.significance import restore_significant
+from model.enhancers.significance import restore_significant_by_dose
 from model.enhancers.tiling import CTAir, body_mask, run_tiled, tile_stride
 from model.grid import AIR_HU, ModelGrid
 from model.networks.checkpoint import load_checkpoint, weights_digest
@@ -300,18 +300,12 @@ class DiffusionEnhancer(Enhancer):
             out_iso = preserve_local_mean(
                 out_iso, pet_iso, fwhm_mm=sampler.local_mean_fwhm_mm, spacing_mm=spacing
             )
-        if significance > 0:  # after the local mean: it works at a finer scale
-            out_iso = restore_significant(
-                out_iso, pet_iso, fwhm_mm=sampler.significance_fwhm_mm,
-                threshold=sampler.significance_threshold, window_fwhm_mm=sampler.significance_window_mm,
-                spacing_mm=spacing, weight=significance,
-            )
-        if sampler.significance_fwhm_mm > 0 and sampler.significance_low_fwhm_mm > 0 and significance < 1:
-            # A noisy LPET: noise passes the fine test, so the rest of the weight goes to a coarser one.
-            out_iso = restore_significant(
-                out_iso, pet_iso, fwhm_mm=sampler.significance_low_fwhm_mm,
-                threshold=sampler.significance_low_threshold, window_fwhm_mm=sampler.significance_window_mm,
-                spacing_mm=spacing, weight=1.0 - significance,
+        if sampler.significance_fwhm_mm > 0:  # after the local mean: it works at a finer scale
+            low = sampler.significance_low_fwhm_mm
+            out_iso = restore_significant_by_dose(
+                out_iso, pet_iso, setting=(sampler.significance_fwhm_mm, sampler.significance_threshold),
+                low_setting=(low, sampler.significance_low_threshold) if low > 0 else None,
+                weight=significance, window_fwhm_mm=sampler.significance_window_mm, spacing_mm=spacing,
             )
         started = self._timed("normalise", started)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from model.enhancers.quantitation import smooth_fwhm
 
-__all__ = ["restore_significant"]
+__all__ = ["restore_significant", "restore_significant_by_dose"]
 
 _RAMP = 1.0  # half-width, in units of σ, of the ramp around the threshold
 
@@ -65,3 +65,25 @@ def restore_significant(
     if weight != 1.0:
         w *= np.float32(weight)
     return (out + w * r).astype(np.float32, copy=False)
+
+
+def restore_significant_by_dose(
+    output: np.ndarray,
+    lpet: np.ndarray,
+    *,
+    setting: tuple[float, float],
+    low_setting: tuple[float, float] | None,
+    weight: float,
+    window_fwhm_mm: float,
+    spacing_mm: tuple[float, float, float],
+) -> np.ndarray:
+    """The step at ``setting`` (FWHM mm, threshold σ) with ``weight`` (the dose ramp's), and the rest of
+    the weight to ``low_setting`` where one is given: a noisy LPET is tested at a coarser scale instead
+    of not at all. A part whose weight is 0 is not computed."""
+    out = output
+    for part, w in ((setting, weight), (low_setting, 1.0 - weight)):
+        if part is not None and w > 0:
+            fwhm, threshold = part
+            out = restore_significant(out, lpet, fwhm_mm=fwhm, threshold=threshold,
+                                      window_fwhm_mm=window_fwhm_mm, spacing_mm=spacing_mm, weight=w)
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from model.enhancers.significance import restore_significant
+from model.enhancers.significance import restore_significant, restore_significant_by_dose
 from model.units import FWHM_PER_SIGMA
 
 SPACING = (2.0, 2.0, 2.0)
@@ -84,3 +84,19 @@ def test_the_weight_scales_what_is_put_back() -> None:
     half = restore_significant(flattened, lpet, weight=0.5, **settings) - flattened
     np.testing.assert_allclose(half, 0.5 * full, rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(restore_significant(flattened, lpet, weight=0.0, **settings), flattened)
+
+
+def test_the_low_dose_setting_takes_the_rest_of_the_weight() -> None:
+    flattened, _, lpet = _case(4)
+    common = {"window_fwhm_mm": 40.0, "spacing_mm": SPACING}
+
+    def by_dose(weight: float, low: tuple[float, float] | None) -> np.ndarray:
+        return restore_significant_by_dose(
+            flattened, lpet, setting=(5.0, 4.0), low_setting=low, weight=weight, **common
+        )
+
+    fine = restore_significant(flattened, lpet, fwhm_mm=5.0, threshold=4.0, **common)
+    coarse = restore_significant(flattened, lpet, fwhm_mm=7.0, threshold=5.0, **common)
+    np.testing.assert_array_equal(by_dose(1.0, (7.0, 5.0)), fine)  # above the ramp: the low one is idle
+    np.testing.assert_array_equal(by_dose(0.0, None), flattened)  # no low setting: nothing below the ramp
+    np.testing.assert_array_equal(by_dose(0.0, (7.0, 5.0)), coarse)  # below it: the low one alone
