@@ -224,10 +224,10 @@ SUPERVISED_REFERENCE = ("Supervised U-Net (10 % pairs, old simulator, 31 min)",
 
 def _transfer_models(specs: list[str]) -> dict[str, Path]:
     """``--transfer-model`` options, or the shipped pair and the supervised reference where it is."""
-    from benchmarks.transfer import MODELS, _models
+    from benchmarks.transfer import MODELS, parse_models
 
     if specs:
-        return _models(specs)
+        return parse_models(specs)
     name, path = SUPERVISED_REFERENCE
     return {**MODELS, **({name: path} if path.is_file() else {})}
 
@@ -235,9 +235,8 @@ def _transfer_models(specs: list[str]) -> dict[str, Path]:
 def _transfer_run(args: argparse.Namespace, command: str) -> tuple[list[str], dict[str, Any]]:
     """The transfer set through the node's path (benchmarks/transfer.py, its cache shared): the report's
     first section, and transfer.md / transfer.json beside quality.md with the full tables."""
-    from benchmarks.transfer import report, run_transfer, target_roles, transfer_section
-    from model.evaluation.machine import machine_description
-    from model.evaluation.report import result_paths
+    from benchmarks.transfer import run_transfer
+    from benchmarks.transfer_report import target_roles, transfer_section, write_results
     from model.evaluation.transfer import STYLES
 
     if args.transfer_doses.strip().lower() == "none":
@@ -248,13 +247,8 @@ def _transfer_run(args: argparse.Namespace, command: str) -> tuple[list[str], di
     rows, summary, run = run_transfer(models, styles=list(STYLES), cases=args.transfer_cases,
                                       doses=_floats(args.transfer_doses), work=Path(args.transfer_work),
                                       device=args.device)
-    header = {"command": f"`{command}`", "machine": machine_description(), "load_before": load_before,
-              "load_after": [round(v, 2) for v in os.getloadavg()],
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "wall_minutes": (time.time() - started) / 60.0, **run}
-    json_path, md_path = result_paths(Path(args.out) / "transfer")
-    json_path.write_text(json.dumps({**header, "summary": summary, "cases": rows}, indent=1))
-    md_path.write_text(report(summary, header, list(models)))
+    header = write_results(Path(args.out) / "transfer", command=command, load_before=load_before,
+                           started=started, run=run, summary=summary, rows=rows, methods=list(models))
     return transfer_section(summary, header, target_roles(header["descriptions"]))
 
 

@@ -101,7 +101,7 @@ def _entry(psnr: dict[str, float], gap: dict[str, float], lesion: float | None, 
 
 
 def test_targets_are_judged_from_the_numbers() -> None:
-    bench = _bench()
+    from benchmarks import transfer_report as bench
     summary = {
         "0.1": {"a": _entry({"Gaussian": 40.0, "LDM-P-CT": 41.2, "LDM-P": 41.0, "sup": 41.5},
                             {"LDM-P-CT": 0.85}, -0.04, -0.10),
